@@ -1,0 +1,1 @@
+"""fastserve common: configuration, message schemas, bus, logging, metrics and the CLI."""

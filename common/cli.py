@@ -1,0 +1,43 @@
+"""The one `fastserve` command. Each service folder contributes its own
+subcommands through a `cli.py` with `register(subparsers)`; imports stay lazy
+so that `fastserve --help` does not import torch."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that contribute subcommands, in help order.
+_COMMAND_MODULES = (
+    "fastserve.gpu_worker.cli",  # make-model, generate, profile, worker
+    "fastserve.scheduler.cli",  # sim, bench, scheduler
+    "fastserve.kvstore.cli",  # kvstore
+    "fastserve.gateway.cli",  # gateway
+    "fastserve.common.up",  # up
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastserve", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue  # that part of the system is not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    rc = args.func(args)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
