@@ -1,0 +1,135 @@
+"""The message bus: one async interface, two implementations.
+
+- `MemoryBus` (fastserve.common.bus_memory): in-process, for the one-process
+  embedded mode and fast tests.
+- `RabbitBus` (fastserve.common.bus_rabbit): RabbitMQ through aio-pika.
+
+Semantics both implement (tests/test_bus_*.py run the same checks on both):
+- `publish(key, body)` with exchange "" delivers to the queue named `key`; if
+  no such queue exists it raises `UnroutableError` (a job is never silently
+  dropped). With a topic exchange it delivers to every bound queue (none is
+  fine: a broadcast nobody listens to).
+- `consume(queue, handler)` runs `handler(body, headers)` for one message at a
+  time, in delivery order; several consumers of one queue compete (replicas
+  share the job queue). A handler that returns acks the message. A handler that
+  raises (`SchemaError` for bad data, or anything else) gets the message
+  dead-lettered to `names.DEAD_LETTER_QUEUE` and logged; the consumer goes on.
+- Every name is prefixed by `namespace` when one is given, so that test runs
+  (or deployments) sharing a broker never see each other's queues. Services
+  always pass the plain names from `fastserve.common.names`.
+"""
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+Headers = dict[str, Any]
+Handler = Callable[[bytes, Headers], Awaitable[None]]
+
+
+class BusError(RuntimeError):
+    pass
+
+
+class UnroutableError(BusError):
+    """A point-to-point publish found no queue of that name."""
+
+
+class Subscription(abc.ABC):
+    """Handle returned by `Bus.consume`."""
+
+    @abc.abstractmethod
+    async def cancel(self) -> None:
+        """Stop consuming; a message being handled is returned to the queue. Idempotent."""
+
+
+class Bus(abc.ABC):
+    def __init__(self, namespace: str = "") -> None:
+        self.namespace = namespace
+
+    def full_name(self, name: str) -> str:
+        """The broker-side name of an exchange or queue ("" stays the default exchange)."""
+        if not name or not self.namespace:
+            return name
+        return f"{self.namespace}.{name}"
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Open the connection and declare the dead-letter exchange and queue."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Cancel every subscription and close the connection. Idempotent."""
+
+    @abc.abstractmethod
+    async def declare_exchange(self, name: str, kind: str = "topic") -> None:
+        """Declare a durable exchange ("topic" or "fanout"). Idempotent."""
+
+    @abc.abstractmethod
+    async def declare_queue(
+        self,
+        name: str,
+        *,
+        durable: bool = True,
+        exclusive: bool = False,
+        auto_delete: bool = False,
+        bindings: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        """Declare a queue that dead-letters into the DLX, and bind it to
+        (exchange, routing-key pattern) pairs (the exchanges are declared as
+        topic exchanges if they do not exist yet). Idempotent.
+
+        exclusive: the queue belongs to this connection and disappears with it
+        (per-gateway reply queues, per-instance broadcast queues)."""
+
+    @abc.abstractmethod
+    async def publish(
+        self,
+        key: str,
+        body: bytes,
+        headers: Headers | None = None,
+        *,
+        exchange: str = "",
+        persistent: bool = False,
+    ) -> None:
+        """Publish and wait for the broker's confirm. Raises UnroutableError
+        for exchange "" and an unknown queue."""
+
+    @abc.abstractmethod
+    async def consume(self, queue: str, handler: Handler, *, prefetch: int = 32) -> Subscription:
+        """Start consuming a declared queue (see the module doc for semantics).
+        prefetch: messages the broker may push ahead of the handler."""
+
+    async def __aenter__(self) -> Bus:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def make_bus(url: str, *, namespace: str = "", connection_name: str = "fastserve") -> Bus:
+    """`memory://` -> MemoryBus, `amqp://...`/`amqps://...` -> RabbitBus."""
+    if url.startswith("memory://"):
+        from .bus_memory import MemoryBus
+
+        return MemoryBus(namespace=namespace)
+    if url.startswith(("amqp://", "amqps://")):
+        from .bus_rabbit import RabbitBus
+
+        return RabbitBus(url, namespace=namespace, connection_name=connection_name)
+    raise ValueError(f"unknown broker URL {url!r}: expected memory:// or amqp://user:pass@host:port/")
+
+
+def __getattr__(name: str) -> Any:
+    # `from fastserve.common.bus import MemoryBus, RabbitBus` without importing aio-pika eagerly.
+    if name == "MemoryBus":
+        from .bus_memory import MemoryBus
+
+        return MemoryBus
+    if name == "RabbitBus":
+        from .bus_rabbit import RabbitBus
+
+        return RabbitBus
+    raise AttributeError(name)

@@ -1,0 +1,70 @@
+"""RabbitMQ-only behaviour: namespaces isolate runs; make_bus picks the implementation."""
+import asyncio
+
+import pytest
+
+from fastserve.common.bus import UnroutableError, make_bus
+from fastserve.common.bus_memory import MemoryBus, topic_matches
+from fastserve.common.bus_rabbit import RabbitBus
+
+pytestmark = pytest.mark.timeout(30)
+
+
+async def test_namespaces_isolate_buses_on_one_broker(rabbitmq_url, bus_namespace):
+    a = RabbitBus(rabbitmq_url, namespace=bus_namespace + "-a")
+    b = RabbitBus(rabbitmq_url, namespace=bus_namespace + "-b")
+    async with a, b:
+        try:
+            await a.declare_queue("shared.name")
+            with pytest.raises(UnroutableError):
+                await b.publish("shared.name", b"x")
+            got = asyncio.Queue()
+
+            async def handler(body, headers):
+                await got.put(body)
+
+            await a.consume("shared.name", handler)
+            await a.publish("shared.name", b"mine")
+            assert await asyncio.wait_for(got.get(), 5) == b"mine"
+        finally:
+            await a.delete_declared()
+            await b.delete_declared()
+
+
+async def test_second_connection_consumes_queue_declared_elsewhere(rabbitmq_url, rabbit_bus, bus_namespace):
+    await rabbit_bus.declare_queue("jobs.shared")
+    await rabbit_bus.publish("jobs.shared", b"job")
+    other = RabbitBus(rabbitmq_url, namespace=bus_namespace, connection_name="pytest-other")
+    async with other:
+        got = asyncio.Queue()
+
+        async def handler(body, headers):
+            await got.put(body)
+
+        await other.consume("jobs.shared", handler)  # passive: not declared by `other`
+        assert await asyncio.wait_for(got.get(), 5) == b"job"
+
+
+def test_make_bus():
+    assert isinstance(make_bus("memory://"), MemoryBus)
+    assert isinstance(make_bus("amqp://guest:guest@localhost/", namespace="x"), RabbitBus)
+    with pytest.raises(ValueError, match="unknown broker URL"):
+        make_bus("redis://x")
+
+
+@pytest.mark.parametrize(
+    "pattern, key, expected",
+    [
+        ("heartbeat.#", "heartbeat.scheduler.s1", True),
+        ("heartbeat.#", "heartbeat", True),
+        ("heartbeat.*", "heartbeat.scheduler.s1", False),
+        ("heartbeat.*.s1", "heartbeat.worker.s1", True),
+        ("#", "a.b.c", True),
+        ("a.#.c", "a.c", True),
+        ("a.#.c", "a.x.y.c", True),
+        ("a.#.c", "a.x.y", False),
+        ("stats.#", "heartbeat.s", False),
+    ],
+)
+def test_topic_matching_like_rabbitmq(pattern, key, expected):
+    assert topic_matches(pattern, key) is expected
