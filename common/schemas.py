@@ -239,3 +239,87 @@ class SchedulerStats(Message):
 
 # ---------------------------------------------------------------- SERVICES: scheduler <-> worker <-> kvstore
 # (BatchCommand, BatchResult, KV copy messages are appended below this line.)
+
+
+@message
+@dataclass(slots=True)
+class BatchCommand(Message):
+    """One iteration for one replica's workers (scheduler -> names.worker_queue).
+
+    Full data only for jobs the worker has not seen (`new`), deltas for the
+    others, and the ids the worker must forget (`free`).
+    new:  [job_id, token_ids (prompt + generated so far), sampling dict]: registers a job;
+          it is then also listed in `run` like every job of the batch.
+    run:  [job_id, num_computed, num_new_tokens, sample, append_blocks, block_table | None]
+          the tokens are the worker's own list[num_computed : num_computed + num_new_tokens];
+          block_table (full) replaces the table when it changed other than by
+          appending (after an upload), else append_blocks extend it.
+    """
+
+    replica: str
+    iteration: int
+    new: list[list[Any]] = field(default_factory=list)
+    run: list[list[Any]] = field(default_factory=list)
+    free: list[str] = field(default_factory=list)
+    sent_at: float = 0.0
+
+
+@message
+@dataclass(slots=True)
+class BatchResult(Message):
+    """What one iteration produced (last worker stage -> names.scheduler_queue).
+    results: [job_id, token_id, logprob, top_logprobs | None] for entries with sample=True."""
+
+    replica: str
+    iteration: int
+    results: list[list[Any]] = field(default_factory=list)
+    step_seconds: float = 0.0  # the engine's own step() time
+    error: str | None = None
+
+
+@message
+@dataclass(slots=True)
+class KVPlan(Message):
+    """The placement policy's moves of one iteration (scheduler -> names.kvstore_queue).
+    moves: [job_id, "offload" | "upload", src_blocks, dst_blocks]; free: jobs whose
+    KV is gone (finished, cancelled, dropped for recompute)."""
+
+    replica: str
+    iteration: int
+    moves: list[list[Any]] = field(default_factory=list)
+    free: list[str] = field(default_factory=list)
+
+
+@message
+@dataclass(slots=True)
+class KVCopy(Message):
+    """One block copy for a worker (kvstore -> names.worker_queue). The worker
+    starts it once its step for `after_iteration` (if any) has finished."""
+
+    replica: str
+    copy_id: str
+    job_id: str
+    direction: str  # "offload": GPU -> host; "upload": host -> GPU
+    src_blocks: list[int]
+    dst_blocks: list[int]
+    after_iteration: int = -1
+    reply_to: str = ""
+
+    def __post_init__(self) -> None:
+        if self.direction not in ("offload", "upload"):
+            raise ValueError(f"direction must be 'offload' or 'upload', got {self.direction!r}")
+        if len(self.src_blocks) != len(self.dst_blocks):
+            raise ValueError(f"src_blocks ({len(self.src_blocks)}) and dst_blocks ({len(self.dst_blocks)}) differ in length")
+
+
+@message
+@dataclass(slots=True)
+class KVCopyDone(Message):
+    """A copy finished (worker -> kvstore, then kvstore -> scheduler)."""
+
+    replica: str
+    copy_id: str
+    job_id: str
+    direction: str
+    seconds: float = 0.0
+    error: str | None = None
