@@ -28,6 +28,16 @@ Headers = dict[str, Any]
 Handler = Callable[[bytes, Headers], Awaitable[None]]
 
 
+def _fresh_log_context(base: dict[str, Any]) -> None:
+    """Reset structlog contextvars (in a consumer's own task) to what they were
+    when it subscribed, so a job_id bound by one handler never tags the next message."""
+    import structlog
+
+    structlog.contextvars.clear_contextvars()
+    if base:
+        structlog.contextvars.bind_contextvars(**base)
+
+
 class BusError(RuntimeError):
     pass
 

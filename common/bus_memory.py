@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from . import names
-from .bus import Bus, BusError, Handler, Headers, Subscription, UnroutableError
+from .bus import Bus, BusError, Handler, Headers, Subscription, UnroutableError, _fresh_log_context
 from .schemas import SchemaError
 
 log = structlog.get_logger("fastserve.bus")
@@ -45,12 +45,14 @@ class _Exchange:
 class _MemorySubscription(Subscription):
     def __init__(self, bus: MemoryBus, queue: _Queue, handler: Handler) -> None:
         self._bus, self._queue, self._handler = bus, queue, handler
+        self._log_context = structlog.contextvars.get_contextvars()
         self._task = asyncio.create_task(self._run(), name=f"consume:{queue.name}")
         self._cancelled = False
 
     async def _run(self) -> None:
         while True:
             body, headers = await self._queue.items.get()
+            _fresh_log_context(self._log_context)
             try:
                 await self._handler(body, dict(headers))
             except asyncio.CancelledError:

@@ -19,7 +19,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import ChannelInvalidStateError, DeliveryError
 
 from . import names
-from .bus import Bus, BusError, Handler, Headers, Subscription, UnroutableError
+from .bus import Bus, BusError, Handler, Headers, Subscription, UnroutableError, _fresh_log_context
 from .schemas import SchemaError
 
 log = structlog.get_logger("fastserve.bus")
@@ -30,6 +30,7 @@ _KINDS = {"topic": aio_pika.ExchangeType.TOPIC, "fanout": aio_pika.ExchangeType.
 class _RabbitSubscription(Subscription):
     def __init__(self, channel: AbstractChannel, queue: AbstractQueue, handler: Handler) -> None:
         self._channel, self._queue, self._handler = channel, queue, handler
+        self._log_context = structlog.contextvars.get_contextvars()
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._tag: str | None = None
         self._task: asyncio.Task | None = None
@@ -47,6 +48,7 @@ class _RabbitSubscription(Subscription):
     async def _run(self) -> None:
         while True:
             msg = await self._inbox.get()
+            _fresh_log_context(self._log_context)
             try:
                 async with msg.process(requeue=False, ignore_processed=True):
                     try:

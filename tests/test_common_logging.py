@@ -1,0 +1,69 @@
+import asyncio
+import io
+import json
+
+import logging
+
+import pytest
+import structlog
+
+from fastserve.common.logging import bind_job, get_logger, setup_logging
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    handlers = logging.getLogger().handlers[:]
+    yield
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+    logging.getLogger().handlers = handlers
+
+
+def _lines(buf):
+    return [json.loads(line) for line in buf.getvalue().decode().splitlines() if line.strip()]
+
+
+def test_json_lines_with_service_and_bound_ids():
+    buf = io.BytesIO()
+    setup_logging("gateway", "DEBUG", stream=buf)
+    log = get_logger("t")
+    with bind_job("job-1", "trace-1"):
+        log.info("job.start", prompt_tokens=3)
+    log.debug("after")
+    get_logger("t", service="scheduler").warning("other")
+    first, second, third = _lines(buf)
+    assert first["event"] == "job.start" and first["job_id"] == "job-1" and first["trace_id"] == "trace-1"
+    assert first["service"] == "gateway" and first["level"] == "info" and first["prompt_tokens"] == 3
+    assert "job_id" not in second and second["level"] == "debug"
+    assert third["service"] == "scheduler"
+
+
+def test_level_filters():
+    buf = io.BytesIO()
+    setup_logging("x", "WARNING", stream=buf)
+    get_logger().info("hidden")
+    get_logger().error("shown")
+    assert [line["event"] for line in _lines(buf)] == ["shown"]
+
+
+async def test_bus_handlers_never_leak_ids_between_messages(memory_bus):
+    buf = io.BytesIO()
+    setup_logging("scheduler", "INFO", stream=buf)
+    log = get_logger()
+    done = asyncio.Event()
+
+    async def handler(body, headers):
+        if body == b"first":
+            structlog.contextvars.bind_contextvars(job_id="leaky")
+        log.info("handled", body=body.decode())
+        if body == b"second":
+            done.set()
+
+    await memory_bus.declare_queue("q")
+    await memory_bus.consume("q", handler)
+    await memory_bus.publish("q", b"first")
+    await memory_bus.publish("q", b"second")
+    await asyncio.wait_for(done.wait(), 5)
+    lines = {line["body"]: line for line in _lines(buf) if line["event"] == "handled"}
+    assert lines["first"]["job_id"] == "leaky"
+    assert "job_id" not in lines["second"]
