@@ -1,0 +1,38 @@
+"""What one engine iteration consumes and produces (plain data, no tensors)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .sampling import SamplingParams
+
+
+@dataclass
+class SeqWork:
+    """One job's share of an iteration.
+
+    token_ids: the new tokens of this iteration (a whole prompt, a prompt
+    chunk, or the one token sampled last time). num_computed: tokens already in
+    the KV cache, i.e. the position of token_ids[0]. block_table: GPU block ids
+    covering num_computed + len(token_ids) tokens. num_generated: tokens
+    generated so far (the seeded sampler draws from (seed, num_generated)).
+    sample=False for a prefill chunk that is not the last one."""
+
+    job_id: str
+    token_ids: list[int]
+    num_computed: int
+    block_table: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    num_generated: int = 0
+    sample: bool = True
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_computed + len(self.token_ids)
+
+
+@dataclass
+class SeqResult:
+    job_id: str
+    token_id: int
+    logprob: float
+    top_logprobs: list[tuple[int, float]] | None = None

@@ -1,0 +1,186 @@
+"""Engine: one model replica on one device. It owns the weights and the KV
+block pools, but not the allocation of blocks: whoever calls step() (the
+scheduler, or the offline LLM) decides which blocks each job uses."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .batch import SeqResult, SeqWork
+from .config import ModelConfig
+from .kv_cache import CopyHandle, KVCache
+from .loader import load_weights, torch_dtype
+from .model import LlamaModel, PrefillSpan, StepInputs
+from .sampling import sample
+
+# Default device KV pool on the CPU when none is given: this many full-length
+# sequences, capped by _CPU_KV_BYTES.
+_CPU_DEFAULT_SEQS = 32
+_CPU_KV_BYTES = 2 * 2**30
+_GPU_MEMORY_FRACTION = 0.85
+
+
+class Engine:
+    def __init__(self, model_dir: str | Path, *, dtype: str = "float32", device: str = "cpu", block_size: int = 16,
+                 num_gpu_blocks: int | None = None, num_host_blocks: int = 0, host_kv_buffer=None):
+        from .tokenizer import load_tokenizer
+
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.model_dir = Path(model_dir)
+        self.model_config = ModelConfig.from_model_dir(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
+        self.dtype_name = dtype
+        self.dtype = torch_dtype(dtype)
+        self.block_size = block_size
+        cfg = self.model_config
+        weights = load_weights(self.model_dir, cfg, dtype, self.device)
+        self.model = LlamaModel(cfg, weights, self.device, self.dtype)
+        self.num_gpu_blocks = num_gpu_blocks if num_gpu_blocks is not None else self._default_num_blocks()
+        if self.num_gpu_blocks < 1:
+            raise ValueError(f"num_gpu_blocks must be >= 1, got {self.num_gpu_blocks}")
+        self.kv = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size, self.num_gpu_blocks,
+                          num_host_blocks, self.dtype, self.device, host_kv_buffer)
+        self.num_host_blocks = self.kv.num_host_blocks
+        self.bytes_per_block = self.kv.bytes_per_block
+        self.generator = torch.Generator().manual_seed(torch.seed() & 0xFFFFFFFF)
+        self.last_step_seconds = 0.0
+
+    def _default_num_blocks(self) -> int:
+        cfg = self.model_config
+        per_block = 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return max(1, int(free * _GPU_MEMORY_FRACTION) // per_block)
+        blocks_per_seq = -(-cfg.max_model_len // self.block_size)
+        return max(1, min(_CPU_DEFAULT_SEQS * blocks_per_seq, _CPU_KV_BYTES // per_block))
+
+    # -- block copies -------------------------------------------------------
+    def copy_out(self, gpu_blocks: list[int], host_blocks: list[int]) -> CopyHandle:
+        """Copy device blocks to host blocks (all layers). Async on CUDA."""
+        return self.kv.copy_out(list(gpu_blocks), list(host_blocks))
+
+    def copy_in(self, host_blocks: list[int], gpu_blocks: list[int]) -> CopyHandle:
+        """Copy host blocks into device blocks. Async on CUDA; step() orders its
+        device work after every copy issued before it, but a caller that
+        reuses host blocks must wait for the handle first."""
+        return self.kv.copy_in(list(host_blocks), list(gpu_blocks))
+
+    # -- one iteration -------------------------------------------------------
+    def validate(self, w: SeqWork) -> None:
+        cfg = self.model_config
+        if not w.token_ids:
+            raise ValueError(f"job {w.job_id}: empty token_ids (an empty prompt cannot be run)")
+        if w.num_computed < 0:
+            raise ValueError(f"job {w.job_id}: num_computed={w.num_computed} < 0")
+        if w.num_tokens > cfg.max_model_len:
+            raise ValueError(f"job {w.job_id}: {w.num_tokens} tokens exceed the model's context "
+                             f"length max_model_len={cfg.max_model_len}")
+        need = -(-w.num_tokens // self.block_size)
+        if len(w.block_table) < need:
+            raise ValueError(f"job {w.job_id}: block_table has {len(w.block_table)} blocks, "
+                             f"{need} needed for {w.num_tokens} tokens of block_size {self.block_size}")
+        bad = [b for b in w.block_table[:need] if not 0 <= b < self.num_gpu_blocks]
+        if bad:
+            raise ValueError(f"job {w.job_id}: block ids {bad} outside [0, {self.num_gpu_blocks})")
+        bad_tok = [t for t in w.token_ids if not 0 <= t < cfg.vocab_size]
+        if bad_tok:
+            raise ValueError(f"job {w.job_id}: token ids {bad_tok[:5]} outside the vocabulary [0, {cfg.vocab_size})")
+
+    def _prepare(self, work: list[SeqWork], all_logits: bool) -> tuple[StepInputs, list[int]]:
+        """Pack decode jobs first, then prefills. Returns inputs and the order."""
+        bs, dev = self.block_size, self.device
+        order = sorted(range(len(work)), key=lambda i: len(work[i].token_ids) != 1)
+        tokens, positions, slots, logit_rows = [], [], [], []
+        decode_tables, decode_lens, prefills = [], [], []
+        for i in order:
+            w = work[i]
+            start = len(tokens)
+            n = len(w.token_ids)
+            tokens.extend(w.token_ids)
+            pos = range(w.num_computed, w.num_computed + n)
+            positions.extend(pos)
+            slots.extend(w.block_table[p // bs] * bs + p % bs for p in pos)
+            if w.sample:
+                logit_rows.append(start + n - 1)
+            nblocks = -(-w.num_tokens // bs)
+            if n == 1:
+                decode_tables.append(w.block_table[:nblocks])
+                decode_lens.append(w.num_tokens)
+            else:
+                table = torch.tensor(w.block_table[:nblocks], device=dev) if w.num_computed else None
+                prefills.append(PrefillSpan(start, n, w.num_computed, table))
+        pos_t = torch.tensor(positions, device=dev)
+        cos = self.model.cos_table.index_select(0, pos_t).to(self.dtype)[:, None, :]
+        sin = self.model.sin_table.index_select(0, pos_t).to(self.dtype)[:, None, :]
+        decode_blocks = decode_mask = None
+        if decode_tables:
+            width = max(len(t) for t in decode_tables)
+            decode_blocks = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=dev)
+            lens = torch.tensor(decode_lens, device=dev)
+            decode_mask = (torch.arange(width * bs, device=dev)[None, :] < lens[:, None])[:, None, None, :]
+        inp = StepInputs(
+            token_ids=torch.tensor(tokens, device=dev),
+            slots=torch.tensor(slots, device=dev),
+            cos=cos, sin=sin,
+            num_decode=len(decode_tables),
+            decode_blocks=decode_blocks, decode_mask=decode_mask,
+            prefills=prefills,
+            logit_rows=None if all_logits else torch.tensor(logit_rows, device=dev, dtype=torch.long),
+        )
+        return inp, order
+
+    @torch.inference_mode()
+    def forward(self, work: list[SeqWork], all_logits: bool = False) -> torch.Tensor:
+        """Run the model without sampling; float32 logits of the last token of
+        each sample=True job, in `work` order (all_logits: of every token, in
+        `work` order, concatenated)."""
+        for w in work:
+            self.validate(w)
+        inp, order = self._prepare(work, all_logits)
+        self.kv.order_compute_after_copies()
+        logits = self.model.forward(inp, self.kv.gpu)
+        # Undo the decode-first packing.
+        if all_logits:
+            starts, pos = {}, 0
+            for i in order:
+                starts[i] = pos
+                pos += len(work[i].token_ids)
+            rows = [r for i in range(len(work)) for r in range(starts[i], starts[i] + len(work[i].token_ids))]
+        else:
+            sampled = [i for i in order if work[i].sample]
+            where = {i: r for r, i in enumerate(sampled)}
+            rows = [where[i] for i in range(len(work)) if work[i].sample]
+        return logits[torch.tensor(rows, device=logits.device)]
+
+    @torch.inference_mode()
+    def step(self, work: list[SeqWork]) -> list[SeqResult]:
+        """One iteration over a mix of prefill and decode jobs; one result per
+        sample=True entry, in `work` order."""
+        t0 = time.perf_counter()
+        ids = [w.job_id for w in work]
+        if len(set(ids)) != len(ids):
+            raise ValueError("a job appears twice in one step")
+        logits = self.forward(work)
+        sampled = [w for w in work if w.sample]
+        results = []
+        if sampled:
+            token_ids, logprobs, tops = sample(logits, [w.sampling for w in sampled],
+                                               [w.num_generated for w in sampled], self.generator)
+            results = [SeqResult(w.job_id, t, lp, top) for w, t, lp, top in zip(sampled, token_ids, logprobs, tops)]
+        self.last_step_seconds = time.perf_counter() - t0
+        return results
+
+    def check_prompt(self, prompt_token_ids: list[int], max_tokens: int = 1) -> None:
+        """Raise ValueError when a prompt cannot be served (empty, too long)."""
+        if not prompt_token_ids:
+            raise ValueError("empty prompt: at least one token is needed")
+        limit = self.model_config.max_model_len
+        if len(prompt_token_ids) + max_tokens > limit:
+            raise ValueError(f"prompt of {len(prompt_token_ids)} tokens + max_tokens={max_tokens} exceeds the "
+                             f"model's context length {limit}")
