@@ -1,0 +1,192 @@
+"""KV-cache placement policies: which jobs' KV to offload to host memory, to
+upload back to the GPU, or to drop for recompute. Pure and synchronous: the
+scheduler core hands a PlacementView in and turns the PlacementPlan that comes
+back into block moves (it owns the block ids).
+
+Ranking uses the estimated next scheduled time (ENST, DESIGN.md): the jobs
+that will run last are offloaded (or dropped) first, the jobs that will run
+first are uploaded first."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+KV_POLICY_NAMES = ("proactive", "reactive", "recompute", "none")
+
+
+@dataclass
+class Cand:
+    job_id: str
+    blocks: int  # blocks held (resident: GPU, swapped: host) or needed (blocked)
+    enst: float  # seconds until it is expected to be scheduled
+    in_batch: bool = False  # chosen for this iteration (evicting it preempts it)
+
+
+@dataclass
+class PlacementView:
+    num_gpu_blocks: int
+    free_gpu: int  # after this iteration's batch took its blocks
+    pending_free_gpu: int  # GPU blocks that offloads in flight will free
+    free_host: int
+    # Jobs that would run now but lack GPU blocks (priority order; blocks = needed).
+    blocked: list[Cand]
+    # Swapped-out jobs that would run now if their KV were on the GPU (priority order).
+    want_upload: list[Cand]
+    # Lazily computed (costs O(jobs with KV)): (resident, swapped) movable jobs with ENST.
+    candidates: Callable[[], tuple[list[Cand], list[Cand]]]
+
+
+@dataclass
+class PlacementPlan:
+    offload: list[str] = field(default_factory=list)
+    upload: list[str] = field(default_factory=list)
+    drop: list[str] = field(default_factory=list)
+
+
+class KVPlacementPolicy:
+    name = "base"
+    # Admit a job only if its whole output's blocks can be reserved: with no way
+    # to move KV, running jobs must never run out of blocks mid-generation.
+    reserve_full_length = False
+
+    def plan(self, view: PlacementView) -> PlacementPlan:
+        raise NotImplementedError
+
+
+class NoPlacement(KVPlacementPolicy):
+    """`none`: KV never moves; new jobs wait for memory (head-of-line blocking)."""
+    name = "none"
+    reserve_full_length = True
+
+    def plan(self, view: PlacementView) -> PlacementPlan:
+        return PlacementPlan()
+
+
+class ReactivePlacement(KVPlacementPolicy):
+    """`reactive` (swap) and `recompute` (drop): act only at the moment a job
+    that should run lacks blocks, by evicting the latest-ENST jobs."""
+
+    def __init__(self, swap: bool) -> None:
+        self.swap = swap
+        self.name = "reactive" if swap else "recompute"
+
+    def plan(self, view: PlacementView) -> PlacementPlan:
+        plan = PlacementPlan()
+        if not view.blocked and not view.want_upload:
+            return plan
+        resident, _ = view.candidates()
+        st = _State(view, resident)
+        for c in view.blocked:
+            st.make_room(c, plan, self.swap)
+        if self.swap:
+            for c in view.want_upload:
+                if st.free >= c.blocks:
+                    st.free -= c.blocks
+                    plan.upload.append(c.job_id)
+                else:
+                    st.make_room(c, plan, self.swap)
+        return plan
+
+
+class ProactivePlacement(ReactivePlacement):
+    """FastServe's policy: besides reacting to demand, keep `watermark` of the
+    GPU blocks free by offloading the latest-ENST idle jobs ahead of need, and
+    upload the earliest-ENST swapped jobs ahead of time while more than
+    `reserve` stays free (reserve >= watermark leaves a band, so no ping-pong)."""
+
+    def __init__(self, watermark: float = 0.05, reserve: float = 0.10) -> None:
+        super().__init__(swap=True)
+        if not (0 <= watermark <= reserve < 1):
+            raise ValueError(f"need 0 <= watermark <= reserve < 1, got watermark={watermark}, reserve={reserve}")
+        self.name = "proactive"
+        self.watermark = watermark
+        self.reserve = reserve
+
+    def plan(self, view: PlacementView) -> PlacementPlan:
+        plan = super().plan(view)
+        wm = math.ceil(self.watermark * view.num_gpu_blocks)
+        rs = math.ceil(self.reserve * view.num_gpu_blocks)
+        resident, swapped = view.candidates()
+        st = _State(view, resident)
+        st.free -= sum(c.blocks for c in view.want_upload if c.job_id in plan.upload)
+        st.taken.update(plan.offload, plan.drop)
+        # Offload ahead of need: idle jobs only (the batch runs now), latest ENST first.
+        for c in st.victims():
+            if st.free + st.pending >= wm:
+                break
+            if c.in_batch or st.host < c.blocks:
+                continue
+            st.evict(c, plan, swap=True)
+        if st.free + st.pending < wm or plan.offload or plan.drop:
+            return plan  # not the moment to bring anything back
+        uploaded = set(plan.upload)
+        for c in sorted(swapped, key=lambda c: c.enst):
+            if c.job_id in uploaded:
+                continue
+            if st.free - c.blocks < rs:
+                break
+            st.free -= c.blocks
+            plan.upload.append(c.job_id)
+        return plan
+
+
+class _State:
+    """Block accounting while a plan is being made."""
+
+    def __init__(self, view: PlacementView, resident: list[Cand]) -> None:
+        self.free = view.free_gpu
+        self.pending = view.pending_free_gpu
+        self.host = view.free_host
+        self.resident = resident
+        self.taken: set[str] = set()
+        self._sorted: list[Cand] | None = None
+
+    def victims(self) -> list[Cand]:
+        if self._sorted is None:
+            # Latest ENST first; among equals, jobs not in the batch first.
+            self._sorted = sorted(self.resident, key=lambda c: (-c.enst, c.in_batch))
+        return [c for c in self._sorted if c.job_id not in self.taken]
+
+    def evict(self, c: Cand, plan: PlacementPlan, swap: bool) -> None:
+        self.taken.add(c.job_id)
+        if swap and self.host >= c.blocks:
+            self.host -= c.blocks
+            self.pending += c.blocks
+            plan.offload.append(c.job_id)
+        else:
+            # No room on the host: recompute is the only way to free the blocks.
+            self.free += c.blocks
+            plan.drop.append(c.job_id)
+
+    def make_room(self, c: Cand, plan: PlacementPlan, swap: bool) -> None:
+        """Evict jobs that will run later than `c` until `c` fits (counting
+        blocks that offloads in flight will free)."""
+        if self.free + self.pending >= c.blocks:
+            self._consume(c.blocks)
+            return
+        for v in self.victims():
+            if self.free + self.pending >= c.blocks:
+                break
+            if v.enst <= c.enst or v.job_id == c.job_id:
+                continue
+            self.evict(v, plan, swap)
+        if self.free + self.pending >= c.blocks:
+            self._consume(c.blocks)
+
+    def _consume(self, n: int) -> None:
+        use = min(self.free, n)
+        self.free -= use
+        self.pending -= n - use
+
+
+def make_kv_policy(name: str, *, watermark: float = 0.05, reserve: float = 0.10) -> KVPlacementPolicy:
+    if name == "proactive":
+        return ProactivePlacement(watermark=watermark, reserve=reserve)
+    if name == "reactive":
+        return ReactivePlacement(swap=True)
+    if name == "recompute":
+        return ReactivePlacement(swap=False)
+    if name == "none":
+        return NoPlacement()
+    raise ValueError(f"unknown kv policy {name!r}; choose one of {', '.join(KV_POLICY_NAMES)}")

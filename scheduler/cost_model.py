@@ -1,0 +1,162 @@
+"""Iteration-time model: how long a prefill of T tokens and a decode step of B
+jobs with context L take. Read from the JSON profile that `fastserve profile`
+writes, or built in for the CPU `small` model shape so that the simulator runs
+without the engine.
+
+Profile format (fixed by the contracts):
+  {"model": str, "device": str, "block_size": int,
+   "prefill": [{"tokens": int, "seconds": float}, ...],
+   "decode": [{"batch_size": int, "context_len": int, "seconds": float}, ...]}
+Optional extra key: "bytes_per_block" (KV bytes of one block, all layers), used
+to time offload/upload copies.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+# The `small` preset of gpu_worker/model_maker.py: hidden 512, 8 layers, 8 heads
+# (head_dim 64), 2 KV heads, fp32. KV bytes per token = 2 (K,V) * 8 layers *
+# 2 heads * 64 * 4 bytes = 8 KiB.
+_SMALL_KV_BYTES_PER_TOKEN = 2 * 8 * 2 * 64 * 4
+
+# The built-in profile: ~28M parameters in fp32 on a 2-core CPU are compute
+# bound, so time grows linearly with tokens (about 1.2 ms per token through the
+# weights) plus a fixed per-iteration overhead and an attention term. Measured
+# profiles replace it (`--profile`); these figures are an estimate, not a measurement.
+_DEFAULT_OVERHEAD = 0.010
+_DEFAULT_PER_TOKEN = 0.0012
+_DEFAULT_PREFILL_ATTN = 0.3e-6  # * tokens^2
+_DEFAULT_DECODE_ATTN = 0.25e-6  # * batch * context
+
+
+def _default_profile(block_size: int = 16) -> dict[str, Any]:
+    prefill = [
+        {"tokens": t, "seconds": _DEFAULT_OVERHEAD + _DEFAULT_PER_TOKEN * t + _DEFAULT_PREFILL_ATTN * t * t}
+        for t in (1, 16, 64, 128, 256, 512, 1024, 2048)
+    ]
+    decode = [
+        {"batch_size": b, "context_len": c,
+         "seconds": _DEFAULT_OVERHEAD + _DEFAULT_PER_TOKEN * b + _DEFAULT_DECODE_ATTN * b * c}
+        for b in (1, 2, 4, 8, 16, 32, 64) for c in (64, 256, 1024, 2048)
+    ]
+    return {"model": "small (built-in estimate)", "device": "cpu", "block_size": block_size,
+            "prefill": prefill, "decode": decode,
+            "bytes_per_block": _SMALL_KV_BYTES_PER_TOKEN * block_size}
+
+
+class ProfileError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """prefill: piecewise-linear in tokens (linear extrapolation past the last
+    point). decode: least-squares fit of a + b*B + c*B*L, which interpolates
+    a sparse (batch, context) grid without holes."""
+
+    prefill_tokens: tuple[float, ...]
+    prefill_seconds: tuple[float, ...]
+    decode_coef: tuple[float, float, float]
+    block_size: int = 16
+    bytes_per_block: int = _SMALL_KV_BYTES_PER_TOKEN * 16
+    name: str = ""
+
+    # -- construction -------------------------------------------------------
+    @classmethod
+    def default(cls, block_size: int = 16) -> "CostModel":
+        return cls.from_dict(_default_profile(block_size))
+
+    @classmethod
+    def from_profile(cls, path: str | Path) -> "CostModel":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ProfileError(f"cannot read profile {path}: {exc}") from exc
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "profile") -> "CostModel":
+        if not isinstance(data, dict):
+            raise ProfileError(f"{source}: profile must be a JSON object")
+        try:
+            block_size = int(data["block_size"])
+            pre = sorted((float(p["tokens"]), float(p["seconds"])) for p in data["prefill"])
+            dec = [(float(p["batch_size"]), float(p["context_len"]), float(p["seconds"])) for p in data["decode"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProfileError(f"{source}: bad profile field: {exc!r}") from exc
+        if block_size < 1 or not pre or len(dec) < 1:
+            raise ProfileError(f"{source}: need block_size >= 1, prefill and decode points")
+        if any(t <= 0 or s <= 0 for t, s in pre) or any(b <= 0 or c < 0 or s <= 0 for b, c, s in dec):
+            raise ProfileError(f"{source}: profile points must be positive")
+        bpb = int(data.get("bytes_per_block") or _SMALL_KV_BYTES_PER_TOKEN * block_size)
+        return cls(
+            prefill_tokens=tuple(t for t, _ in pre), prefill_seconds=tuple(s for _, s in pre),
+            decode_coef=_fit_decode(dec), block_size=block_size, bytes_per_block=bpb,
+            name=str(data.get("model", source)),
+        )
+
+    # -- queries ------------------------------------------------------------
+    def prefill_time(self, tokens: int) -> float:
+        if tokens <= 0:
+            return 0.0
+        xs, ys = self.prefill_tokens, self.prefill_seconds
+        if len(xs) == 1:
+            return ys[0] * tokens / xs[0]
+        i = bisect.bisect_left(xs, tokens)
+        i = min(max(i, 1), len(xs) - 1)
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        t = y0 + (y1 - y0) * (tokens - x0) / (x1 - x0) if x1 != x0 else y1
+        return max(t, 1e-6)
+
+    def decode_time(self, batch_size: int, context_len: float) -> float:
+        if batch_size <= 0:
+            return 0.0
+        a, b, c = self.decode_coef
+        return max(a + b * batch_size + c * batch_size * context_len, 1e-6)
+
+    @property
+    def overhead(self) -> float:
+        """Fixed per-iteration cost (the decode fit at B=0)."""
+        return max(self.decode_coef[0], 0.0)
+
+    def iteration_time(self, batch: Sequence[Any]) -> float:
+        """`batch`: BatchEntry-like objects (is_prefill, num_new_tokens, num_computed).
+        A mixed iteration pays the prefill tokens plus the decodes' marginal cost."""
+        prefill_tokens = 0
+        n_dec = 0
+        ctx = 0
+        for e in batch:
+            if e.is_prefill:
+                prefill_tokens += e.num_new_tokens
+            else:
+                n_dec += 1
+                ctx += e.num_computed + e.num_new_tokens
+        if prefill_tokens == 0:
+            return self.decode_time(n_dec, ctx / n_dec) if n_dec else 0.0
+        t = self.prefill_time(prefill_tokens)
+        if n_dec:
+            t += self.decode_time(n_dec, ctx / n_dec) - self.overhead
+        return t
+
+    def copy_time(self, num_blocks: int, bandwidth: float) -> float:
+        """Seconds to move num_blocks KV blocks at `bandwidth` bytes/s."""
+        assert bandwidth > 0
+        return num_blocks * self.bytes_per_block / bandwidth
+
+    def blocks_for(self, tokens: int) -> int:
+        return math.ceil(tokens / self.block_size)
+
+
+def _fit_decode(points: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    import numpy as np
+
+    a = np.array([[1.0, b, b * c] for b, c, _ in points])
+    y = np.array([s for _, _, s in points])
+    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+    # A fit on noisy points may dip below zero; time never shrinks with more work.
+    return (float(coef[0]), float(max(coef[1], 0.0)), float(max(coef[2], 0.0)))
