@@ -189,16 +189,20 @@ class SchedulerCore:
     def job_location(self, job_id: str) -> str:
         return self._jobs[job_id].loc.value
 
+    @property
     def num_running(self) -> int:
         return len(self._last_batch)
 
+    @property
     def num_swapped(self) -> int:
         return sum(1 for lv in self._levels for j in lv.jobs if j.loc in (Loc.HOST, Loc.TO_HOST, Loc.TO_GPU))
 
+    @property
     def num_waiting(self) -> int:
         alive = sum(len(lv) for lv in self._levels)
-        return alive - self.num_running() - self.num_swapped()
+        return alive - self.num_running - self.num_swapped
 
+    @property
     def num_jobs(self) -> int:
         return sum(len(lv) for lv in self._levels)
 
