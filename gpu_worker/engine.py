@@ -156,7 +156,7 @@ class Engine:
             sampled = [i for i in order if work[i].sample]
             where = {i: r for r, i in enumerate(sampled)}
             rows = [where[i] for i in range(len(work)) if work[i].sample]
-        return logits[torch.tensor(rows, device=logits.device)]
+        return logits[torch.tensor(rows, device=logits.device, dtype=torch.long)]
 
     @torch.inference_mode()
     def step(self, work: list[SeqWork]) -> list[SeqResult]:
