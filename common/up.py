@@ -72,7 +72,7 @@ class NodeConfig:
         return self.host_kv_blocks > 0 and self.kv_policy in ("proactive", "reactive")
 
     def model_name(self) -> str:
-        return self.served_model_name or Path(self.model or "fastserve").name
+        return self.served_model_name or (Path(self.model).resolve().name if self.model else "fastserve")
 
     # ------------------------------------------------------------------ per-service configs
     def scheduler_config(self, **kw):

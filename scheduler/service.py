@@ -68,8 +68,7 @@ class Job:
     generated: list[int] = field(default_factory=list)
     on_worker: bool = False  # the worker holds its tokens and sampling params
     sent_table: list[int] = field(default_factory=list)  # block table the worker holds
-    copies_in_flight: int = 0
-    cancel_after_copy: bool = False
+    moved: bool = False  # the KV store has a record of it
     first_scheduled_wall: float | None = None
 
     @property
@@ -154,7 +153,13 @@ class JobTable:
             return
         if job.on_worker:
             self._worker_free.append(job_id)
-        self._kv_free.append(job_id)
+        if job.moved:
+            self._kv_free.append(job_id)
+
+    def mark_moved(self, job_id: str) -> None:
+        job = self._jobs.get(job_id)
+        if job is not None:
+            job.moved = True
 
     def take_kv_free(self) -> list[str]:
         free, self._kv_free = self._kv_free, []
@@ -188,15 +193,17 @@ class JobTable:
 def build_core(config: "SchedulerServiceConfig", worker: WorkerInfo):
     """The SchedulerCore for this replica, sized by what the worker has."""
     from fastserve.kvstore.placement import make_kv_policy
-    from fastserve.scheduler.core import SchedulerCore, SchedulerCoreConfig
+    from fastserve.scheduler.config import SchedulerCoreConfig
+    from fastserve.scheduler.core import SchedulerCore
     from fastserve.scheduler.cost_model import CostModel
 
     num_gpu = min(config.gpu_kv_blocks or worker.num_gpu_blocks, worker.num_gpu_blocks)
-    cost = CostModel.from_profile(config.profile) if config.profile else CostModel.default()
+    cost = CostModel.from_profile(config.profile) if config.profile else CostModel.default(worker.block_size)
     core_cfg = SchedulerCoreConfig(
         policy=config.policy, max_batch_size=config.max_batch_size,
         max_tokens_per_batch=config.max_tokens_per_batch, block_size=worker.block_size,
-        num_gpu_blocks=num_gpu, num_host_blocks=config.host_kv_blocks, **config.core_options)
+        num_gpu_blocks=num_gpu, num_host_blocks=config.host_kv_blocks, max_model_len=worker.max_model_len,
+        **config.core_options)
     kv_policy = make_kv_policy(config.kv_policy)
     return SchedulerCore(core_cfg, cost, kv_policy), num_gpu
 
@@ -274,6 +281,7 @@ class SchedulerService:
         self._stopping = False
         self._events_now: list[tuple[str, TokenEvent]] = []  # errors found outside a result
         self._last_step = 0.0
+        self.failed: BaseException | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -301,7 +309,7 @@ class SchedulerService:
         self.jobs = JobTable(self.worker, num_gpu, c.instance_id)
         # The shared job queue last: a job is taken only when it can be served.
         self._subs.append(await bus.consume(names.JOB_QUEUE, self._on_job, prefetch=1))
-        self._tasks += [asyncio.create_task(self._loop(), name="scheduler-loop"),
+        self._tasks += [asyncio.create_task(self._guarded_loop(), name="scheduler-loop"),
                         asyncio.create_task(self._heartbeat(), name="scheduler-heartbeat")]
         log.info("scheduler started", replica=c.replica, policy=c.policy, kv_policy=c.kv_policy,
                  gpu_blocks=num_gpu, host_blocks=c.host_kv_blocks)
@@ -358,6 +366,18 @@ class SchedulerService:
         self._wake.set()
 
     # ------------------------------------------------------------------ the loop
+    async def _guarded_loop(self) -> None:
+        try:
+            await self._loop()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A scheduler whose state may be inconsistent must not go on
+            # serving; stopping its heartbeat makes gateways report it gone.
+            log.exception("scheduler loop crashed")
+            self.failed = exc
+            self._stopping = True
+
     async def _loop(self) -> None:
         pending: list[tuple[str, TokenEvent]] = []
         last_send: float | None = None
@@ -430,7 +450,11 @@ class SchedulerService:
                 job_id=msg.job_id, trace_id=msg.trace_id, token_ids=[], error=error,
                 num_prompt_tokens=len(msg.prompt_token_ids), scheduler_id=self.config.instance_id)))
             return
-        self.core.add_job(job.spec, now)
+        try:
+            self.core.add_job(job.spec, now)
+        except ValueError as exc:
+            self.jobs.forget(msg.job_id)
+            self._events_now.append((msg.reply_to, job.event([], error=str(exc))))
 
     def _cancel(self, job_id: str, reason: str) -> None:
         self._recent_cancels[job_id] = None
@@ -439,32 +463,25 @@ class SchedulerService:
         job = self.jobs.get(job_id)
         if job is None:
             return
-        if job.copies_in_flight:
-            # Freeing blocks a copy is still writing would hand them to another job.
-            job.cancel_after_copy = True
-            return
         log.info("job cancelled", job_id=job_id, trace_id=job.trace_id, reason=reason)
+        # The core keeps blocks that an outstanding copy still writes until copy_done.
         self.core.cancel(job_id)
         self.jobs.forget(job_id)
 
     def _copy_done(self, msg: KVCopyDone, now: float) -> None:
+        # Also for jobs cancelled meanwhile: the core frees their blocks only now.
+        try:
+            self.core.copy_done(msg.job_id, msg.direction, now)
+        except ValueError as exc:
+            log.error("copy report the core does not expect", job_id=msg.job_id, error=str(exc))
         job = self.jobs.get(msg.job_id)
-        if job is None:
-            return
-        job.copies_in_flight = max(0, job.copies_in_flight - 1)
         if msg.error:
-            log.error("KV copy failed", job_id=msg.job_id, trace_id=job.trace_id, error=msg.error)
-        self.core.copy_done(msg.job_id, msg.direction, now)
-        if msg.error:
-            self._fail(job, f"KV {msg.direction} failed: {msg.error}")
-        elif job.cancel_after_copy and not job.copies_in_flight:
-            self._cancel(msg.job_id, reason="cancelled")
+            log.error("KV copy failed", job_id=msg.job_id, direction=msg.direction, error=msg.error)
+            if job is not None:
+                self._fail(job, f"KV {msg.direction} failed: {msg.error}")
 
     def _fail(self, job: Job, error: str) -> None:
         self._events_now.append((job.reply_to, job.event([], error=error)))
-        if job.copies_in_flight:
-            job.cancel_after_copy = True
-            return
         self.core.cancel(job.job_id)
         self.jobs.forget(job.job_id)
 
@@ -510,7 +527,7 @@ class SchedulerService:
         if not moves and not free:
             return
         for m in moves:
-            self.jobs[m[0]].copies_in_flight += 1
+            self.jobs.mark_moved(m[0])
         await self._publish(names.kvstore_queue(self.config.replica),
                             KVPlan(replica=self.config.replica, iteration=decision.iteration, moves=moves, free=free))
 
