@@ -29,6 +29,7 @@ class PlacementView:
     free_gpu: int  # after this iteration's batch took its blocks
     pending_free_gpu: int  # GPU blocks that offloads in flight will free
     free_host: int
+    host_used: int  # host blocks in use (0: nothing is swapped out)
     # Jobs that would run now but lack GPU blocks (priority order; blocks = needed).
     blocked: list[Cand]
     # Swapped-out jobs that would run now if their KV were on the GPU (priority order).
@@ -107,6 +108,9 @@ class ProactivePlacement(ReactivePlacement):
         plan = super().plan(view)
         wm = math.ceil(self.watermark * view.num_gpu_blocks)
         rs = math.ceil(self.reserve * view.num_gpu_blocks)
+        low = view.free_gpu + view.pending_free_gpu < wm
+        if not low and (view.host_used == 0 or view.free_gpu < rs):
+            return plan  # nothing to offload, nothing (or no room) to upload
         resident, swapped = view.candidates()
         st = _State(view, resident)
         st.free -= sum(c.blocks for c in view.want_upload if c.job_id in plan.upload)

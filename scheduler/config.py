@@ -30,12 +30,16 @@ class SchedulerCoreConfig:
     # Promotions are capped per iteration: promoting more jobs than can run
     # only reorders Q0, and an uncapped burst would make one schedule() O(jobs).
     max_promotions_per_iteration: int = 64
+    # Per iteration, at most this many jobs that cannot run now (blocked on
+    # memory, swapped out) are considered, and at most this many offload and
+    # upload candidates are ranked by ENST: bounds schedule() under memory pressure.
+    max_candidates: int = 64
 
     def __post_init__(self) -> None:
         if self.policy not in POLICY_NAMES:
             raise ValueError(f"unknown scheduling policy {self.policy!r}; choose one of {', '.join(POLICY_NAMES)}")
         for name in ("max_batch_size", "max_tokens_per_batch", "block_size", "num_gpu_blocks",
-                     "max_model_len", "num_queues", "typical_batch", "max_promotions_per_iteration"):
+                     "max_model_len", "num_queues", "typical_batch", "max_promotions_per_iteration", "max_candidates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_host_blocks < 0:

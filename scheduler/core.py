@@ -76,6 +76,7 @@ class SchedulerCore:
         self._outstanding: dict[int, list[BatchEntry]] = {}
         self._last_batch: set[str] = set()
         self._reserved = 0  # blocks reserved for whole outputs (kv policy "none")
+        self._pending_free = 0  # GPU blocks that offloads in flight will free
         self.stats = SchedulerStats()
         self.join_histogram = [0] * n
 
@@ -162,6 +163,7 @@ class SchedulerCore:
         if job is None:
             raise ValueError(f"copy_done for unknown job {job_id}")
         if direction == "offload" and job.loc is Loc.TO_HOST:
+            self._pending_free -= len(job.gpu_blocks)
             self.gpu.free(job.gpu_blocks)
             job.gpu_blocks = []
             job.loc = Loc.HOST
@@ -272,6 +274,9 @@ class SchedulerCore:
         tokens_left = cfg.max_tokens_per_batch
         max_b = cfg.max_batch_size
         admit_open = True
+        # Jobs that cannot run (blocked, swapped) are looked at up to a budget,
+        # so memory pressure cannot make one iteration scan every job.
+        budget = cfg.max_candidates
         w = _Walk([], [], [], [], 0)
         for li, lv in enumerate(self._levels):
             keys, jobs = lv.keys, lv.jobs
@@ -287,6 +292,8 @@ class SchedulerCore:
                     break
                 if job.in_flight or job.cancelled:
                     continue
+                if len(w.blocked) + len(w.want_upload) >= budget:
+                    break
                 loc = job.loc
                 if loc is Loc.GPU:
                     n = min(job.known_tokens - job.num_computed, tokens_left)
@@ -319,7 +326,7 @@ class SchedulerCore:
                         w.blocked.append((job, need, pos))
                 elif loc is Loc.HOST and len(w.batch) + len(w.want_upload) < max_b:
                     w.want_upload.append((job, pos))
-            if len(w.batch) >= max_b or tokens_left <= 0:
+            if len(w.batch) >= max_b or tokens_left <= 0 or len(w.blocked) + len(w.want_upload) >= budget:
                 break
         w.free = free
         return w
@@ -370,29 +377,42 @@ class SchedulerCore:
         in_batch = {j.id for j, _ in w.batch}
 
         cache: list[tuple[list[Cand], list[Cand]]] = []
+        limit = self.config.max_candidates
 
         def candidates() -> tuple[list[Cand], list[Cand]]:
+            """The `limit` lowest-priority resident jobs (offload victims come
+            from there) and the `limit` highest-priority swapped ones (upload
+            candidates), with their ENST: bounded work per iteration."""
             if cache:
                 return cache[0]
             resident: list[Cand] = []
             swapped: list[Cand] = []
-            for lv in self._levels:
-                for pos, job in enumerate(lv.jobs):
-                    if job.in_flight or job.cancelled:
-                        continue
-                    if job.loc is Loc.GPU:
+            for lv in reversed(self._levels):
+                jobs = lv.jobs
+                for pos in range(len(jobs) - 1, -1, -1):
+                    job = jobs[pos]
+                    if job.loc is Loc.GPU and not job.in_flight and not job.cancelled:
                         resident.append(Cand(job.id, len(job.gpu_blocks), self._enst(job, pos, base, now),
                                              job.id in in_batch))
-                    elif job.loc is Loc.HOST:
-                        swapped.append(Cand(job.id, len(job.host_blocks), self._enst(job, pos, base, now)))
+                        if len(resident) >= limit:
+                            break
+                if len(resident) >= limit:
+                    break
+            if self.host.num_used:
+                for lv in self._levels:
+                    for pos, job in enumerate(lv.jobs):
+                        if job.loc is Loc.HOST and not job.in_flight and not job.cancelled:
+                            swapped.append(Cand(job.id, len(job.host_blocks), self._enst(job, pos, base, now)))
+                            if len(swapped) >= limit:
+                                break
+                    if len(swapped) >= limit:
+                        break
             cache.append((resident, swapped))
             return cache[0]
 
-        pending = sum(len(j.gpu_blocks) for lv in self._levels for j in lv.jobs if j.loc is Loc.TO_HOST) \
-            if self.host.num_used else 0
         return PlacementView(
-            num_gpu_blocks=self.config.num_gpu_blocks, free_gpu=w.free, pending_free_gpu=pending,
-            free_host=self.host.num_free,
+            num_gpu_blocks=self.config.num_gpu_blocks, free_gpu=w.free, pending_free_gpu=self._pending_free,
+            free_host=self.host.num_free, host_used=self.host.num_used,
             blocked=[Cand(j.id, need, self._enst(j, pos, base, now)) for j, need, pos in w.blocked],
             want_upload=[Cand(j.id, len(j.host_blocks), self._enst(j, pos, base, now)) for j, pos in w.want_upload],
             candidates=candidates)
@@ -408,6 +428,7 @@ class SchedulerCore:
                 continue
             job.host_blocks = self.host.allocate(n)
             job.loc = Loc.TO_HOST
+            self._pending_free += n
             offloads.append(KVMove(jid, "offload", list(job.gpu_blocks), list(job.host_blocks)))
         dropped = []
         for jid in plan.drop:
