@@ -101,7 +101,7 @@ def _default_text(f: dataclasses.Field) -> str:
         return "required"
     if isinstance(value, (tuple, list)):
         value = ",".join(map(str, value))
-    return f"default: {value}"
+    return f"default: {value}" if value != "" else "default: empty"
 
 
 def add_config_args(

@@ -1,0 +1,174 @@
+"""The gateway's aiohttp application: OpenAI-compatible REST API over the bus.
+
+    app = create_app(GatewayConfig(model=DIR), bus)   # bus: connected Bus
+    web.run_app(app, host=..., port=...)
+
+The bus must be connected before the app starts; the app declares its queues
+on startup, cancels its subscriptions on cleanup, and never closes the bus
+(in the one-process mode other services share it).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import orjson
+import structlog
+from aiohttp import web
+
+from fastserve.common.bus import Bus
+from fastserve.common.metrics import Metrics
+
+from .config import GatewayConfig
+from .jobs import JobTracker
+from .model_info import ModelInfo
+from .protocol import APIError, bad, render_chat
+
+log = structlog.get_logger("fastserve.gateway")
+
+
+@dataclass
+class GatewayState:
+    config: GatewayConfig
+    bus: Bus
+    model: ModelInfo
+    metrics: Metrics
+    tracker: JobTracker
+
+
+STATE = web.AppKey("state", GatewayState)
+
+
+def dumps(obj: object) -> str:
+    return orjson.dumps(obj).decode()
+
+
+def json_response(data: object, status: int = 200, headers: dict | None = None) -> web.Response:
+    return web.json_response(data, status=status, headers=headers, dumps=dumps)
+
+
+def error_response(err: APIError, state: GatewayState | None = None) -> web.Response:
+    if state is not None:
+        state.metrics.observe_error(err.status)
+    return json_response(err.body(), status=err.status)
+
+
+async def read_json(request: web.Request) -> dict:
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise bad(f"Invalid JSON body: {exc}") from None
+    if not isinstance(body, dict):
+        raise bad("The JSON body must be an object")
+    return body
+
+
+@web.middleware
+async def errors_and_auth(request: web.Request, handler):
+    state = request.app[STATE]
+    try:
+        if state.config.api_keys and (request.path.startswith("/v1/") or request.path in ("/tokenize", "/detokenize")):
+            auth = request.headers.get("Authorization", "")
+            key = auth[7:] if auth.startswith("Bearer ") else None
+            if key is None:
+                raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.",
+                               "invalid_request_error", None, "invalid_api_key")
+            if key not in state.config.api_keys:
+                raise APIError(401, "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key")
+        return await handler(request)
+    except APIError as err:
+        return error_response(err, state)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status)
+        return error_response(APIError(exc.status, exc.reason, "invalid_request_error", None, code), state)
+
+
+# ------------------------------------------------------------------ simple endpoints
+
+async def models(request: web.Request) -> web.Response:
+    m = request.app[STATE].model
+    return json_response({"object": "list", "data": [{
+        "id": m.name, "object": "model", "created": m.created, "owned_by": "fastserve",
+        "root": m.name, "parent": None, "max_model_len": m.max_model_len}]})
+
+
+async def health(request: web.Request) -> web.Response:
+    ok, body = request.app[STATE].tracker.health()
+    return json_response(body, status=200 if ok else 503)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    body, content_type = request.app[STATE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body = await read_json(request)
+    if body.get("model") is not None and body["model"] != state.model.name:
+        raise APIError(404, f"The model '{body['model']}' does not exist.", "invalid_request_error", "model",
+                       "model_not_found")
+    add_special = body.get("add_special_tokens", "messages" not in body)
+    if not isinstance(add_special, bool):
+        raise bad("'add_special_tokens' must be a boolean", "add_special_tokens")
+    if "messages" in body:
+        text = render_chat(body, state.model)
+    elif isinstance(body.get("prompt"), str):
+        text = body["prompt"]
+    else:
+        raise bad("send 'prompt' (a string) or 'messages'", "prompt")
+    ids = state.model.encode(text, add_special_tokens=add_special)
+    return json_response({"tokens": ids, "count": len(ids), "max_model_len": state.model.max_model_len})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body = await read_json(request)
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise bad("'tokens' must be a list of token ids", "tokens")
+    if any(not 0 <= t < state.model.vocab_size for t in tokens):
+        raise bad(f"'tokens' holds ids outside the vocabulary [0, {state.model.vocab_size})", "tokens")
+    return json_response({"prompt": state.model.decode(tokens)})
+
+
+# ------------------------------------------------------------------ app factory
+
+def create_app(config: GatewayConfig, bus: Bus, *, model: ModelInfo | None = None,
+               metrics: Metrics | None = None) -> web.Application:
+    from .serving import chat_completions, completions
+
+    model = model or ModelInfo.load(config.model, config.served_model_name)
+    metrics = metrics or Metrics(model.name)
+    state = GatewayState(config, bus, model, metrics, JobTracker(config, bus, metrics))
+    app = web.Application(middlewares=[errors_and_auth], client_max_size=32 * 1024 * 1024)
+    app[STATE] = state
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
+    app.cleanup_ctx.append(_bus_lifecycle)
+    return app
+
+
+
+async def _bus_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    await state.tracker.start()
+    sender = asyncio.create_task(state.tracker.run_cancel_sender(), name="gateway-cancel-sender")
+    log.info("gateway.started", gateway=state.config.instance_id, model=state.model.name,
+             max_model_len=state.model.max_model_len, ts=time.time())
+    yield
+    sender.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sender
+    await state.tracker.stop()
+    log.info("gateway.stopped", gateway=state.config.instance_id)
