@@ -1,0 +1,172 @@
+"""`fastserve sim` and `fastserve bench scheduler`. (`fastserve scheduler`,
+the service, is registered by common/up.py.)"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("sim", help="simulate scheduling policies on a workload (no model needed)",
+                              description="Discrete-event simulation of the scheduler core.")
+    p.add_argument("--policy", default="sj-mlfq,mlfq,fcfs,srpt",
+                   help="comma-separated: sj-mlfq, mlfq, fcfs, srpt (default: all)")
+    p.add_argument("--kv-policy", default="proactive", help="proactive | reactive | recompute | none")
+    p.add_argument("--workload", default="sharegpt", help="sharegpt | alpaca | longprompt | PATH.jsonl")
+    p.add_argument("--rate", type=float, default=None, help="arrival rate, req/s (start point of --sweep-rates)")
+    p.add_argument("--num-jobs", type=int, default=1000)
+    p.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of output lengths")
+    p.add_argument("--arrival-cv", type=float, default=1.0, help="CV of Gamma inter-arrival gaps (1: Poisson)")
+    p.add_argument("--gpu-kv-blocks", type=int, default=None, help="GPU KV pool size (default: unconstrained)")
+    p.add_argument("--host-kv-blocks", type=int, default=None, help="host KV pool size (default: 4x GPU)")
+    p.add_argument("--copy-bandwidth", type=float, default=16e9, help="KV copy bandwidth, bytes/s per direction")
+    p.add_argument("--watermark", type=float, default=0.05, help="proactive: offload below this free fraction")
+    p.add_argument("--reserve", type=float, default=0.10, help="proactive: uploads keep this free fraction")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-tokens-per-batch", type=int, default=2048)
+    p.add_argument("--num-queues", type=int, default=10)
+    p.add_argument("--quantum-ratio", type=float, default=2.0)
+    p.add_argument("--base-quantum", type=float, default=None, help="Q0 quantum, s (default: one decode iteration)")
+    p.add_argument("--starvation-threshold", type=float, default=None, help="s without running before promotion")
+    p.add_argument("--slo", type=float, default=None, help="mean normalized latency SLO, s/token (default 10x decode)")
+    p.add_argument("--profile", default=None, help="cost profile JSON from `fastserve profile` (default: built-in)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sweep-rates", action="store_true", help="find each policy's highest rate within the SLO")
+    p.add_argument("--json", action="store_true", help="print one JSON object keyed by policy name")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="draw latency-vs-rate and JCT CDF (matplotlib)")
+    p.set_defaults(func=_sim_main)
+
+    b = subparsers.add_parser("bench", help="benchmarks (scheduler)")
+    bsub = b.add_subparsers(dest="bench_target", metavar="TARGET")
+    bsub.required = True
+    s = bsub.add_parser("scheduler", help="cost of one schedule()+update() against the number of waiting jobs")
+    s.add_argument("--waiting", default="1000,10000,100000", help="comma-separated waiting-job counts")
+    s.add_argument("--batch", type=int, default=32)
+    s.add_argument("--policy", default="sj-mlfq")
+    s.add_argument("--kv-policy", default="proactive")
+    s.add_argument("--iterations", type=int, default=2000)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_bench_main)
+
+
+def _csv_ints(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"{what}: expected comma-separated integers, got {text!r}")
+    if not vals or any(v < 1 for v in vals):
+        raise SystemExit(f"{what}: expected positive integers, got {text!r}")
+    return vals
+
+
+def _bench_main(args: argparse.Namespace) -> int:
+    from .bench import bench_scheduler
+
+    sizes = _csv_ints(args.waiting, "--waiting")
+    try:
+        res = bench_scheduler(sizes, args.batch, policy=args.policy, kv_policy=args.kv_policy,
+                              iterations=args.iterations)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"policy {res['policy']}, batch {res['batch']}: one schedule()+update()")
+        for n, r in res["waiting"].items():
+            print(f"  waiting {int(n):>7}: p50 {r['p50_us']:8.1f} us   p99 {r['p99_us']:8.1f} us")
+        print(f"  p99 growth, largest vs smallest: {res['p99_ratio_largest_vs_smallest']:.2f}x")
+    return 0
+
+
+def _sim_main(args: argparse.Namespace) -> int:
+    from fastserve.kvstore.placement import KV_POLICY_NAMES
+
+    from .cost_model import CostModel, ProfileError
+    from .policies import POLICY_NAMES
+    from .sim import SimConfig, simulate
+    from .sweep import max_rate_at_slo
+    from .workload import PRESETS, TraceError, make_workload
+
+    def fail(msg: str) -> int:
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+    policies = [x.strip() for x in args.policy.split(",") if x.strip()]
+    bad = [x for x in policies if x not in POLICY_NAMES]
+    if bad or not policies:
+        return fail(f"unknown policy {', '.join(bad) or '(none)'}; choose from {', '.join(POLICY_NAMES)}")
+    if args.kv_policy not in KV_POLICY_NAMES:
+        return fail(f"unknown kv policy {args.kv_policy!r}; choose from {', '.join(KV_POLICY_NAMES)}")
+    if args.num_jobs < 1:
+        return fail(f"--num-jobs must be >= 1, got {args.num_jobs}")
+    if args.rate is not None and args.rate <= 0:
+        return fail(f"--rate must be > 0, got {args.rate}")
+    if args.rate is None and (args.workload in PRESETS or args.sweep_rates):
+        return fail("--rate is required for synthetic workloads and as the start of --sweep-rates")
+    try:
+        cost = CostModel.from_profile(args.profile) if args.profile else CostModel.default()
+    except ProfileError as exc:
+        return fail(str(exc))
+    core_opts = dict(max_batch_size=args.max_batch_size, max_tokens_per_batch=args.max_tokens_per_batch,
+                     num_queues=args.num_queues, quantum_ratio=args.quantum_ratio,
+                     base_quantum=args.base_quantum, starvation_threshold=args.starvation_threshold)
+
+    def jobs_at(rate: float | None):
+        return make_workload(args.workload, num_jobs=args.num_jobs, rate=rate, cv=args.cv, seed=args.seed,
+                             arrival_cv=args.arrival_cv)
+
+    def run(policy: str, rate: float | None):
+        cfg = SimConfig(policy=policy, kv_policy=args.kv_policy, gpu_kv_blocks=args.gpu_kv_blocks,
+                        host_kv_blocks=args.host_kv_blocks, copy_bandwidth=args.copy_bandwidth,
+                        watermark=args.watermark, reserve=args.reserve, core=core_opts)
+        return simulate(jobs_at(rate), cfg, cost)
+
+    out: dict[str, dict] = {}
+    curves: dict[str, list[tuple[float, float]]] = {}
+    jcts: dict[str, list[float]] = {}
+    try:
+        for pol in policies:
+            res = run(pol, args.rate)
+            m = dict(res.metrics, rate=args.rate, kv_policy=args.kv_policy, workload=args.workload, cv=args.cv)
+            slo = args.slo or res.slo
+            m["slo"] = slo
+            jcts[pol] = [r.jct for r in res.records]
+            if args.sweep_rates:
+                sw = max_rate_at_slo(lambda r, _p=pol: run(_p, r).metrics, slo, args.rate)
+                m.update(max_rate_at_slo=sw["max_rate_at_slo"], throughput_at_slo=sw["throughput_at_slo"],
+                         sweep_points=sw["points"], sweep_saturated=sw["saturated"])
+                curves[pol] = sw["points"]
+            elif args.plot and args.rate:
+                curves[pol] = [(args.rate * f, run(pol, args.rate * f).metrics["mean_norm_latency"])
+                               for f in (0.5, 0.75, 1.0, 1.25, 1.5)]
+            out[pol] = m
+    except (ValueError, TraceError, RuntimeError) as exc:
+        return fail(str(exc))
+    if args.plot:
+        from .plot import plot
+
+        plot(args.plot, curves, jcts, out[policies[0]]["slo"],
+             f"{args.workload} cv={args.cv} kv={args.kv_policy} rate={args.rate}")
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        _print_table(out, args)
+    return 0
+
+
+def _print_table(out: dict[str, dict], args: argparse.Namespace) -> None:
+    first = next(iter(out.values()))
+    print(f"workload {args.workload}  rate {args.rate} req/s  jobs {args.num_jobs}  cv {args.cv}  "
+          f"kv {args.kv_policy}  SLO {first['slo']:.3f} s/token")
+    cols = ["mean_norm_latency", "p95_norm_latency", "mean_jct", "p50_jct", "p99_jct", "mean_ttft", "p99_ttft",
+            "throughput", "preemptions", "demotions", "promotions", "swaps"]
+    if args.sweep_rates:
+        cols += ["max_rate_at_slo", "throughput_at_slo"]
+    print(f"{'':>18}" + "".join(f"{p:>12}" for p in out))
+    for c in cols:
+        row = "".join(f"{out[p][c]:>12.4g}" if isinstance(out[p][c], float) else f"{out[p][c]:>12}" for p in out)
+        print(f"{c:>18}{row}")
+    for p, m in out.items():
+        print(f"{p:>10} queue joins: {m['queue_join_histogram']}")

@@ -1,0 +1,36 @@
+"""Figures the paper draws: normalized latency against rate per policy, and
+the JCT CDF. matplotlib is an optional extra (`pip install fastserve[plot]`)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def plot(out: str, curves: dict[str, list[tuple[float, float]]], jcts: dict[str, list[float]], slo: float,
+         title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SystemExit("--plot needs matplotlib: pip install 'fastserve[plot]'") from exc
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, pts in curves.items():
+        xs, ys = zip(*sorted(pts))
+        ax1.plot(xs, ys, marker="o", label=name)
+    ax1.axhline(slo, color="gray", linestyle="--", label=f"SLO {slo:.3f} s/token")
+    ax1.set_xlabel("arrival rate (req/s)")
+    ax1.set_ylabel("mean normalized latency (s/token)")
+    ax1.set_yscale("log")
+    ax1.legend()
+    for name, v in jcts.items():
+        a = np.sort(np.array(v))
+        ax2.plot(a, np.arange(1, len(a) + 1) / len(a), label=name)
+    ax2.set_xlabel("JCT (s)")
+    ax2.set_ylabel("CDF")
+    ax2.set_xscale("log")
+    ax2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
