@@ -45,6 +45,7 @@ class ChoiceOutput:
                  include_stop: bool = False, logprobs: bool = False, skip_special_tokens: bool = True) -> None:
         self.index = index
         self.model = model
+        self.prompt_len = len(prompt_ids)
         self.stop = stop
         self.include_stop = include_stop
         self.want_logprobs = logprobs

@@ -105,7 +105,7 @@ async def _events(request: web.Request, state: GatewayState, sub: Submission, ch
                     state.tracker.mark_finished(sub, job_id)
                 if c.error is None:
                     state.metrics.observe_finished(time.monotonic() - arrival, c.finish_reason or "stop",
-                                                   ev.num_prompt_tokens or 0, c.num_tokens)
+                                                   c.prompt_len, c.num_tokens)
             yield c, delta
     finally:
         if getter is not None:

@@ -1,0 +1,155 @@
+"""Bad requests of every kind get OpenAI-shaped errors with the right status;
+disconnecting clients cancel their jobs; admission control answers 429/503."""
+import asyncio
+
+import aiohttp
+import pytest
+
+from gateway_fakes import EchoScheduler, gateway
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def assert_openai_error(body, status_param=None):
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    if status_param is not None:
+        assert body["error"]["param"] == status_param
+
+
+@pytest.mark.parametrize(
+    "path, payload, status, param, words",
+    [
+        ("/v1/completions", b"{not json", 400, None, "Invalid JSON"),
+        ("/v1/completions", b"[1, 2]", 400, None, "must be an object"),
+        ("/v1/completions", {"prompt": "x"}, 400, "model", "'model' is required"),
+        ("/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404, "model", "does not exist"),
+        ("/v1/completions", {"model": "tiny"}, 400, "prompt", "'prompt' must be"),
+        ("/v1/completions", {"model": "tiny", "prompt": ""}, 400, "prompt", "empty"),
+        ("/v1/completions", {"model": "tiny", "prompt": [5, 10 ** 7]}, 400, "prompt", "outside the vocabulary"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": "3"}, 400, "max_tokens", "must be int"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens", ">= 1"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 600}, 400, "prompt",
+         "maximum context length is 512 tokens. However, you requested"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": 3}, 400, "temperature", "[0, 2]"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": True}, 400, "temperature", "number"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "top_p": 0}, 400, "top_p", "(0, 1]"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "top_k": -5}, 400, "top_k", "top_k"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 0}, 400, "n", "'n' must be in"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 99}, 400, "n", "'n' must be in"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": ["ok", ""]}, 400, "stop", "non-empty"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "stop_token_ids": ["a"]}, 400, "stop_token_ids", "token ids"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": 50}, 400, "logprobs", "0..20"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, 400,
+         "stream_options", "only allowed"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "echo": True}, 400, "echo", "not supported"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "presence_penalty": 1.0}, 400, "presence_penalty",
+         "not supported"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "best_of": 3}, 400, "best_of", "not supported"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages", "non-empty list"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, 400,
+         "messages", "'role'"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": 5}]}, 400,
+         "messages", "content"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x" * 3000}]}, 400,
+         "messages", "in the messages"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                  "top_logprobs": 2}, 400, "top_logprobs", "needs 'logprobs'"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                  "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
+        ("/v1/nope", {}, 404, None, "Not Found"),
+    ],
+)
+async def test_bad_requests(memory_bus, tiny_model_dir, path, payload, status, param, words):
+    async with gateway(memory_bus, tiny_model_dir, echo=EchoScheduler(memory_bus)) as (client, echo):
+        kw = {"data": payload} if isinstance(payload, bytes) else {"json": payload}
+        resp = await client.post(path, **kw)
+        body = await resp.json()
+        assert resp.status == status, body
+        assert_openai_error(body, param)
+        assert words in body["error"]["message"]
+        assert echo.submitted == []  # nothing reached the backend
+        metrics = await (await client.get("/metrics")).text()
+        assert f'fastserve:request_errors_total{{model_name="tiny",status="{status}"}} 1.0' in metrics
+
+
+async def test_context_error_names_the_numbers(memory_bus, tiny_model_dir):
+    async with gateway(memory_bus, tiny_model_dir, echo=EchoScheduler(memory_bus)) as (client, _):
+        ids = (await (await client.post("/tokenize", json={"prompt": "hello there"})).json())["tokens"]
+        body = await (await client.post("/v1/completions", json={
+            "model": "tiny", "prompt": ids, "max_tokens": 512})).json()
+    msg = body["error"]["message"]
+    assert f"requested {len(ids) + 512} tokens ({len(ids)} in the prompt, 512 for the completion)" in msg
+    assert body["error"]["code"] == "context_length_exceeded"
+
+
+async def test_api_keys(memory_bus, tiny_model_dir):
+    async with gateway(memory_bus, tiny_model_dir, echo=EchoScheduler(memory_bus), api_keys=("k1", "k2")) as (client, _):
+        req = {"model": "tiny", "prompt": "x", "max_tokens": 1}
+        missing = await client.post("/v1/completions", json=req)
+        assert missing.status == 401 and (await missing.json())["error"]["code"] == "invalid_api_key"
+        wrong = await client.post("/v1/completions", json=req, headers={"Authorization": "Bearer nope"})
+        assert wrong.status == 401 and "Incorrect API key" in (await wrong.json())["error"]["message"]
+        assert (await client.get("/v1/models")).status == 401
+        ok = await client.post("/v1/completions", json=req, headers={"Authorization": "Bearer k2"})
+        assert ok.status == 200
+        assert (await client.get("/health")).status == 200  # probes need no key
+        assert (await client.get("/metrics")).status == 200
+
+
+async def test_gateway_limit_answers_429(memory_bus, tiny_model_dir):
+    echo = EchoScheduler(memory_bus, token_delay=0.05)
+    async with gateway(memory_bus, tiny_model_dir, echo=echo, max_pending_requests=1) as (client, _):
+        slow = asyncio.ensure_future(client.post("/v1/completions", json={
+            "model": "tiny", "prompt": "slow one", "max_tokens": 10}))
+        while not echo.submitted:
+            await asyncio.sleep(0.01)
+        resp = await client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1})
+        body = await resp.json()
+        assert resp.status == 429 and "Too many requests" in body["error"]["message"]
+        assert (await slow).status == 200
+        assert (await client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1})).status == 200
+
+
+async def test_full_scheduler_queue_answers_503(memory_bus, tiny_model_dir):
+    echo = EchoScheduler(memory_bus, max_queued_jobs=4, num_waiting=4)
+    async with gateway(memory_bus, tiny_model_dir, echo=echo) as (client, _):
+        resp = await client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1})
+        body = await resp.json()
+    assert resp.status == 503 and body["error"]["code"] == "queue_full" and "4 jobs waiting" in body["error"]["message"]
+
+
+async def test_no_scheduler_answers_503_after_grace(memory_bus, tiny_model_dir):
+    async with gateway(memory_bus, tiny_model_dir, health_timeout=0.2) as (client, _):
+        await asyncio.sleep(0.3)
+        resp = await client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1})
+        body = await resp.json()
+    assert resp.status == 503 and "No scheduler is alive" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_client_disconnect_cancels_the_job(memory_bus, tiny_model_dir, stream):
+    echo = EchoScheduler(memory_bus, token_delay=0.05)
+    async with gateway(memory_bus, tiny_model_dir, echo=echo, disconnect_poll=0.05) as (client, _):
+        url = client.make_url("/v1/completions")
+        req = {"model": "tiny", "prompt": "a long story", "max_tokens": 200, "stream": stream}
+        async with aiohttp.ClientSession() as session:
+            if stream:
+                resp = await session.post(url, json=req)
+                first = await resp.content.readline()
+                assert first.startswith(b"data: ")
+                resp.close()  # drop the connection mid-stream
+            else:
+                with pytest.raises(asyncio.TimeoutError):
+                    await session.post(url, json=req, timeout=aiohttp.ClientTimeout(total=0.3))
+        await asyncio.wait_for(echo.cancel_event.wait(), 5)
+        assert echo.cancelled == [echo.submitted[0].job_id]
+        # The gateway forgot the request: the pending count is back to zero.
+        health = await (await client.get("/health")).json()
+        for _ in range(50):
+            if health["pending_requests"] == 0:
+                break
+            await asyncio.sleep(0.02)
+            health = await (await client.get("/health")).json()
+        assert health["pending_requests"] == 0
