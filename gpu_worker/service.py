@@ -135,6 +135,12 @@ class WorkerService:
     async def _on_message(self, body: bytes, headers: dict) -> None:
         msg = decode(body, (BatchCommand, KVCopy))
         if isinstance(msg, BatchCommand):
+            if not msg.run:
+                # Only ids to forget (the scheduler is idle): no step, no reply.
+                assert not msg.new, "a command registering jobs must run them"
+                for job_id in msg.free:
+                    self.seqs.pop(job_id, None)
+                return
             self._pending_iters.append(msg.iteration)
             self._steps.put_nowait(msg)
         else:

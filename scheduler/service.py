@@ -161,6 +161,13 @@ class JobTable:
         if job is not None:
             job.moved = True
 
+    def has_worker_free(self) -> bool:
+        return bool(self._worker_free)
+
+    def take_worker_free(self) -> list[str]:
+        free, self._worker_free = self._worker_free, []
+        return free
+
     def take_kv_free(self) -> list[str]:
         free, self._kv_free = self._kv_free, []
         return free
@@ -185,8 +192,8 @@ class JobTable:
             job.sent_table = table
             assert e.sample == (end == job.num_tokens), (e, job.num_tokens)
             run.append([e.job_id, e.num_computed, e.num_new_tokens, e.sample, append, full])
-        free, self._worker_free = self._worker_free, []
-        return BatchCommand(replica=replica, iteration=decision.iteration, new=new, run=run, free=free,
+        return BatchCommand(replica=replica, iteration=decision.iteration, new=new, run=run,
+                            free=self.take_worker_free(),
                             sent_at=time.time())
 
 
@@ -400,6 +407,10 @@ class SchedulerService:
                 await self._publish_stats()
             if cmd is None:
                 last_send = None
+                if self.jobs.has_worker_free():
+                    await self._publish(names.worker_queue(self.config.replica),
+                                        BatchCommand(replica=self.config.replica, iteration=-1,
+                                                     free=self.jobs.take_worker_free()))
                 self._wake.clear()
                 if not self._inbox:
                     # Idle, or waiting on copies: a copy report or a job wakes us.

@@ -80,11 +80,11 @@ def node(model_dir, tmp_path, **kw) -> NodeConfig:
 
 
 @pytest.fixture
-async def stack_factory(memory_bus):
+async def stack_factory():
     stacks = []
 
-    async def make(cfg: NodeConfig, bus=None) -> Stack:
-        s = Stack(cfg, bus or memory_bus, services=("kvstore", "worker", "scheduler"))
+    async def make(cfg: NodeConfig, bus) -> Stack:
+        s = Stack(cfg, bus, services=("kvstore", "worker", "scheduler"))
         stacks.append(s)
         return await s.start()
 
@@ -93,11 +93,11 @@ async def stack_factory(memory_bus):
         await s.stop()
 
 
-async def test_greedy_outputs_equal_the_offline_engine(memory_bus, stack_factory, tiny_model_dir, tmp_path):
+async def test_greedy_outputs_equal_the_offline_engine(bus, stack_factory, tiny_model_dir, tmp_path):
     ps = prompts(5, 12) + prompts(2, 40, seed=1)
     expected = offline_greedy(tiny_model_dir, ps, 10)
-    await stack_factory(node(tiny_model_dir, tmp_path))
-    client = await Client(memory_bus).start()
+    await stack_factory(node(tiny_model_dir, tmp_path), bus)
+    client = await Client(bus).start()
     ids = [await client.submit(p, 10, ignore_eos=True) for p in ps]
     for i, job_id in enumerate(ids):
         ev = await client.wait(job_id)
@@ -106,13 +106,13 @@ async def test_greedy_outputs_equal_the_offline_engine(memory_bus, stack_factory
         assert client.tokens[job_id] == expected[i]
 
 
-async def test_offload_and_upload_under_a_tiny_gpu_pool_change_no_token(memory_bus, stack_factory,
+async def test_offload_and_upload_under_a_tiny_gpu_pool_change_no_token(bus, stack_factory,
                                                                          tiny_model_dir, tmp_path):
     # 12 jobs of up to 3 blocks each in a 12-block GPU pool: most must wait on host.
     ps = prompts(12, 20, seed=2)
     expected = offline_greedy(tiny_model_dir, ps, 24)
-    s = await stack_factory(node(tiny_model_dir, tmp_path, gpu_kv_blocks=12, host_kv_blocks=48))
-    client = await Client(memory_bus).start()
+    s = await stack_factory(node(tiny_model_dir, tmp_path, gpu_kv_blocks=12, host_kv_blocks=48), bus)
+    client = await Client(bus).start()
     ids = [await client.submit(p, 24, ignore_eos=True) for p in ps]
     for i, job_id in enumerate(ids):
         ev = await client.wait(job_id)
@@ -127,7 +127,7 @@ async def test_offload_and_upload_under_a_tiny_gpu_pool_change_no_token(memory_b
 async def test_short_jobs_after_a_long_one(memory_bus, stack_factory, tiny_model_dir, tmp_path, policy):
     """sj-mlfq preempts the long job for shorts sent just after it; fcfs runs it to completion.
     A batch of one job per iteration makes the order the policy's alone."""
-    await stack_factory(node(tiny_model_dir, tmp_path, policy=policy, max_batch_size=1))
+    await stack_factory(node(tiny_model_dir, tmp_path, policy=policy, max_batch_size=1), memory_bus)
     client = await Client(memory_bus).start()
     long_id = await client.submit(prompts(1, 8, seed=3)[0], 120, ignore_eos=True)
     await asyncio.sleep(0.05)  # the long job is running
@@ -141,17 +141,17 @@ async def test_short_jobs_after_a_long_one(memory_bus, stack_factory, tiny_model
         assert shorts_before_long == 0
 
 
-async def test_cancel_frees_kv_and_bad_messages_go_to_the_dead_letter_queue(memory_bus, stack_factory,
+async def test_cancel_frees_kv_and_bad_messages_go_to_the_dead_letter_queue(bus, stack_factory,
                                                                             tiny_model_dir, tmp_path):
-    s = await stack_factory(node(tiny_model_dir, tmp_path))
-    client = await Client(memory_bus).start()
+    s = await stack_factory(node(tiny_model_dir, tmp_path), bus)
+    client = await Client(bus).start()
     job = await client.submit(prompts(1, 30)[0], 400, ignore_eos=True)
     for _ in range(200):
         if client.tokens.get(job):
             break
         await asyncio.sleep(0.01)
     assert s.scheduler.core.gpu_blocks_used() > 0
-    await memory_bus.publish(names.CANCEL_KEY, encode(JobCancel(job_id=job, trace_id="t")),
+    await bus.publish(names.CANCEL_KEY, encode(JobCancel(job_id=job, trace_id="t")),
                              exchange=names.CONTROL_EXCHANGE)
     for _ in range(200):
         if s.scheduler.core.gpu_blocks_used() == 0 and job not in s.worker.seqs:
@@ -161,14 +161,14 @@ async def test_cancel_frees_kv_and_bad_messages_go_to_the_dead_letter_queue(memo
     assert job not in client.final  # a cancelled job gets no more events
     # Garbage on every queue the backend consumes: dead-lettered, services keep running.
     dead = []
-    await memory_bus.consume(names.DEAD_LETTER_QUEUE, lambda b, h: _append(dead, b))
+    await bus.consume(names.DEAD_LETTER_QUEUE, lambda b, h: _append(dead, b))
     for q in (names.JOB_QUEUE, names.scheduler_queue(s.cfg.replica), names.worker_queue(s.cfg.replica),
               names.kvstore_queue(s.cfg.replica)):
-        await memory_bus.publish(q, b"\x93not a message")
+        await bus.publish(q, b"\x93not a message")
     bad = JobSubmit(job_id="x", trace_id="t", reply_to=client.reply, prompt_token_ids=[1], sampling={},
                     arrival_time=0.0, model="m")
     raw = encode(bad).replace(b"prompt_token_ids", b"prompt_token_idz")
-    await memory_bus.publish(names.JOB_QUEUE, raw)
+    await bus.publish(names.JOB_QUEUE, raw)
     for _ in range(100):
         if len(dead) == 5:
             break
@@ -186,7 +186,7 @@ async def _append(lst, item):
 
 
 async def test_impossible_jobs_get_a_clear_error(memory_bus, stack_factory, tiny_model_dir, tmp_path):
-    await stack_factory(node(tiny_model_dir, tmp_path))
+    await stack_factory(node(tiny_model_dir, tmp_path), memory_bus)
     client = await Client(memory_bus).start()
     too_long = await client.submit([5] * 500, 100)  # tiny: 512-token context
     ev = await client.wait(too_long)
