@@ -90,11 +90,13 @@ class RabbitBus(Bus):
         namespace: str = "",
         connection_name: str = "fastserve",
         confirm_timeout: float = 10.0,
+        reconnect_interval: float = 1.0,
     ) -> None:
         super().__init__(namespace)
         self.url = url
         self.connection_name = connection_name
         self.confirm_timeout = confirm_timeout
+        self.reconnect_interval = reconnect_interval
         self._conn: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchanges: dict[str, Any] = {}
@@ -104,7 +106,8 @@ class RabbitBus(Bus):
 
     async def connect(self) -> None:
         self._conn = await aio_pika.connect_robust(
-            self.url, client_properties={"connection_name": self.connection_name}
+            self.url, client_properties={"connection_name": self.connection_name},
+            reconnect_interval=self.reconnect_interval,
         )
         self._channel = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
         await self.declare_exchange(names.DLX_EXCHANGE, "fanout")

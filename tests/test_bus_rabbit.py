@@ -68,3 +68,49 @@ def test_make_bus():
 )
 def test_topic_matching_like_rabbitmq(pattern, key, expected):
     assert topic_matches(pattern, key) is expected
+
+
+def _close_connection_by_name(name: str) -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl not found: cannot force a connection loss")
+    listing = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+                             capture_output=True, text=True, timeout=30)
+    if listing.returncode != 0:
+        pytest.skip(f"rabbitmqctl cannot list connections: {listing.stderr.strip()[:200]}")
+    pids = [line.split("\t", 1)[0] for line in listing.stdout.splitlines() if name in line]
+    assert len(pids) == 1, listing.stdout
+    subprocess.run(["rabbitmqctl", "close_connection", pids[0], "test: forced connection loss"],
+                   check=True, capture_output=True, timeout=30)
+
+
+@pytest.mark.timeout(90)
+async def test_consumer_and_publisher_survive_a_lost_connection(rabbitmq_url, bus_namespace):
+    name = f"pytest-reconnect-{bus_namespace}"
+    bus = RabbitBus(rabbitmq_url, namespace=bus_namespace, connection_name=name, reconnect_interval=0.3)
+    async with bus:
+        try:
+            await bus.declare_queue("durable.q")
+            await bus.declare_queue("excl.q", durable=False, exclusive=True, auto_delete=True)
+            got = {"durable.q": asyncio.Queue(), "excl.q": asyncio.Queue()}
+            for q in got:
+                await bus.consume(q, lambda body, headers, q=q: got[q].put(body))
+            for q in got:
+                await bus.publish(q, b"before")
+                assert await asyncio.wait_for(got[q].get(), 5) == b"before"
+            await asyncio.to_thread(_close_connection_by_name, name)
+            # Publishing retries until the robust connection is back; the consumers are restored.
+            for q in got:
+                deadline = asyncio.get_running_loop().time() + 30
+                while True:
+                    try:
+                        await bus.publish(q, b"after")
+                        break
+                    except Exception:
+                        assert asyncio.get_running_loop().time() < deadline, "never reconnected"
+                        await asyncio.sleep(0.2)
+                assert await asyncio.wait_for(got[q].get(), 15) == b"after"
+        finally:
+            await bus.delete_declared()
