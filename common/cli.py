@@ -18,7 +18,10 @@ _COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastserve", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="fastserve",
+        description="fastserve: LLM serving with iteration-level preemption (skip-join MLFQ) and proactive KV offload.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in _COMMAND_MODULES:
