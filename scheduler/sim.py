@@ -112,6 +112,7 @@ def simulate(jobs: list[TraceJob], cfg: SimConfig, cost: CostModel) -> SimResult
             assert generated[jid] <= out_len[jid], f"{jid} ran past its output"
         core.update(IterationResult(d.iteration, elapsed, finished), t)
     assert len(records) == len(pending), f"{len(pending) - len(records)} jobs lost"
+    assert core.gpu_blocks_used() == 0 and core.host_blocks_used() == 0, "KV blocks leaked"
     metrics = summarize(records, core.stats.as_dict(), len(core.join_histogram))
     metrics["peak_gpu_blocks"] = peak
     metrics["slo"] = core.slo
