@@ -248,7 +248,7 @@ class BatchCommand(Message):
 
     Full data only for jobs the worker has not seen (`new`), deltas for the
     others, and the ids the worker must forget (`free`).
-    new:  [job_id, token_ids (prompt + generated so far), sampling dict]: registers a job;
+    new:  [job_id, token_ids (prompt + generated so far), sampling dict, trace_id]: registers a job;
           it is then also listed in `run` like every job of the batch.
     run:  [job_id, num_computed, num_new_tokens, sample, append_blocks, block_table | None]
           the tokens are the worker's own list[num_computed : num_computed + num_new_tokens];

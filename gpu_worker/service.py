@@ -56,6 +56,7 @@ class _Seq:
     sampling: object  # SamplingParams
     block_table: list[int] = field(default_factory=list)
     num_generated: int = 0
+    trace_id: str = ""
 
 
 class WorkerService:
@@ -138,8 +139,7 @@ class WorkerService:
             if not msg.run:
                 # Only ids to forget (the scheduler is idle): no step, no reply.
                 assert not msg.new, "a command registering jobs must run them"
-                for job_id in msg.free:
-                    self.seqs.pop(job_id, None)
+                self._forget(msg.free)
                 return
             self._pending_iters.append(msg.iteration)
             self._steps.put_nowait(msg)
@@ -147,6 +147,12 @@ class WorkerService:
             task = asyncio.create_task(self._copy(msg), name=f"copy-{msg.copy_id}")
             self._copies.add(task)
             task.add_done_callback(self._copies.discard)
+
+    def _forget(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            seq = self.seqs.pop(job_id, None)
+            if seq is not None:
+                log.info("job freed", job_id=job_id, trace_id=seq.trace_id, generated=seq.num_generated)
 
     # ------------------------------------------------------------------ steps
     async def _step_loop(self) -> None:
@@ -166,10 +172,11 @@ class WorkerService:
         from fastserve.gpu_worker.batch import SeqWork
         from fastserve.gpu_worker.sampling import SamplingParams
 
-        for job_id in cmd.free:
-            self.seqs.pop(job_id, None)
-        for job_id, tokens, sampling in cmd.new:
-            self.seqs[job_id] = _Seq(list(tokens), SamplingParams.from_dict(sampling))
+        self._forget(cmd.free)
+        for job_id, tokens, sampling, *rest in cmd.new:
+            trace_id = rest[0] if rest else ""
+            self.seqs[job_id] = _Seq(list(tokens), SamplingParams.from_dict(sampling), trace_id=trace_id)
+            log.info("job registered", job_id=job_id, trace_id=trace_id, tokens=len(tokens))
         work = []
         for job_id, num_computed, num_new, sample, append, table in cmd.run:
             seq = self.seqs.get(job_id)

@@ -179,7 +179,7 @@ class JobTable:
             if job.first_scheduled_wall is None:
                 job.first_scheduled_wall = time.time()
             if not job.on_worker:
-                new.append([job.job_id, job.prompt + job.generated, job.sampling_dict])
+                new.append([job.job_id, job.prompt + job.generated, job.sampling_dict, job.trace_id])
                 job.on_worker, job.sent_table = True, []
             end = e.num_computed + e.num_new_tokens
             assert end <= job.num_tokens, (e, job.num_tokens)
