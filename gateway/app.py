@@ -86,6 +86,10 @@ async def errors_and_auth(request: web.Request, handler):
             raise
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status)
         return error_response(APIError(exc.status, exc.reason, "invalid_request_error", None, code), state)
+    except Exception as exc:  # noqa: BLE001 - the client gets an OpenAI-shaped 500, the log the traceback
+        log.exception("request.failed", path=request.path)
+        return error_response(APIError(500, f"Internal error: {type(exc).__name__}: {exc}", "server_error",
+                                       None, "internal_error"), state)
 
 
 # ------------------------------------------------------------------ simple endpoints

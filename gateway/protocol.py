@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import jinja2
+
 from fastserve.gpu_worker.sampling import SamplingParams
 
 from .config import GatewayConfig
@@ -220,8 +222,8 @@ def render_chat(body: dict, model: ModelInfo) -> str:
     add_generation_prompt = _get(body, "add_generation_prompt", (bool,), True)
     try:
         return model.chat_template.apply_chat_template(clean, add_generation_prompt=add_generation_prompt)
-    except ValueError as exc:
-        raise bad(str(exc), "messages") from None
+    except (ValueError, jinja2.TemplateError) as exc:
+        raise bad(f"the chat template refused these messages: {exc}", "messages") from None
 
 
 def parse_chat(body: dict, cfg: GatewayConfig, model: ModelInfo) -> GenerateRequest:

@@ -153,3 +153,18 @@ async def test_client_disconnect_cancels_the_job(memory_bus, tiny_model_dir, str
             await asyncio.sleep(0.02)
             health = await (await client.get("/health")).json()
         assert health["pending_requests"] == 0
+
+
+async def test_unexpected_failure_is_an_openai_shaped_500(memory_bus, tiny_model_dir):
+    from fastserve.gateway.app import STATE
+
+    async with gateway(memory_bus, tiny_model_dir, echo=EchoScheduler(memory_bus)) as (client, echo):
+        async def broken_submit(*args, **kwargs):
+            raise RuntimeError("broker exploded")
+
+        client.server.app[STATE].tracker.submit = broken_submit
+        resp = await client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1})
+        body = await resp.json()
+    assert resp.status == 500
+    assert_openai_error(body)
+    assert "broker exploded" in body["error"]["message"] and body["error"]["type"] == "server_error"
