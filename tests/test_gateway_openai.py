@@ -57,8 +57,9 @@ async def _exercise(bus, model_dir):
         with pytest.raises(APIStatusError) as err:
             await oai.completions.create(model="tiny", prompt="x", max_tokens=10_000)
         assert err.value.status_code == 400 and "maximum context length" in err.value.message
-        with pytest.raises(APIStatusError) as err:
-            await _client(tc, key="wrong").completions.create(model="tiny", prompt="x", max_tokens=1)
+        async with _client(tc, key="wrong") as wrong:
+            with pytest.raises(APIStatusError) as err:
+                await wrong.completions.create(model="tiny", prompt="x", max_tokens=1)
         assert err.value.status_code == 401
         await oai.close()
 
