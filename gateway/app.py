@@ -167,12 +167,14 @@ def create_app(config: GatewayConfig, bus: Bus, *, model: ModelInfo | None = Non
 async def _bus_lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     await state.tracker.start()
-    sender = asyncio.create_task(state.tracker.run_cancel_sender(), name="gateway-cancel-sender")
+    tasks = [asyncio.create_task(state.tracker.run_cancel_sender(), name="gateway-cancel-sender"),
+             asyncio.create_task(state.tracker.run_heartbeat(), name="gateway-heartbeat")]
     log.info("gateway.started", gateway=state.config.instance_id, model=state.model.name,
              max_model_len=state.model.max_model_len, ts=time.time())
     yield
-    sender.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await sender
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     await state.tracker.stop()
     log.info("gateway.stopped", gateway=state.config.instance_id)

@@ -74,6 +74,18 @@ class JobTracker:
         unwinding from a cancellation and must not await the broker themselves)."""
         await self._send_cancels(drain=False)
 
+    async def run_heartbeat(self) -> None:
+        """Background task: tell the deployment this gateway is alive."""
+        while True:
+            hb = Heartbeat("gateway", self.config.instance_id, time.time(), {
+                "model": self.config.served_model_name, "pending_requests": self._pending_requests})
+            try:
+                await self.bus.publish(names.heartbeat_key("gateway", self.config.instance_id), encode(hb),
+                                       exchange=names.EVENTS_EXCHANGE)
+            except Exception:  # noqa: BLE001 - a broker hiccup must not end the heartbeat
+                log.warning("gateway.heartbeat_failed", exc_info=True)
+            await asyncio.sleep(self.config.health_timeout / 3)
+
     async def _send_cancels(self, drain: bool) -> None:
         while not (drain and self._cancels.empty()):
             msg = await self._cancels.get()

@@ -244,3 +244,16 @@ async def test_malformed_reply_is_dead_lettered_and_gateway_keeps_serving(memory
         assert memory_bus.queue_size(names.DEAD_LETTER_QUEUE) == 1
         resp = await client.post("/v1/completions", json={"model": "tiny", "prompt": "still up", "max_tokens": 2})
         assert resp.status == 200
+
+
+async def test_gateway_sends_heartbeats(memory_bus, tiny_model_dir):
+    from fastserve.common import names
+    from fastserve.common.schemas import Heartbeat, decode
+
+    got = asyncio.Queue()
+    await memory_bus.declare_queue("watch", exclusive=True, auto_delete=True,
+                                   bindings=[(names.EVENTS_EXCHANGE, "heartbeat.gateway.#")])
+    await memory_bus.consume("watch", lambda body, headers: got.put(decode(body, Heartbeat)))
+    async with gateway(memory_bus, tiny_model_dir, instance_id="gw-test") as (client, _):
+        hb = await asyncio.wait_for(got.get(), 5)
+    assert hb.service == "gateway" and hb.instance_id == "gw-test" and hb.info["model"] == "tiny"
