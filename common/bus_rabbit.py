@@ -207,6 +207,9 @@ class RabbitBus(Bus):
 
     async def delete_declared(self) -> None:
         """Delete every queue and exchange this bus declared (test teardown)."""
+        for sub in list(self._subs):
+            await sub.cancel()
+        self._subs.clear()
         ch = self._ch()
         for full in [*self._queue_specs, self.full_name(names.DEAD_LETTER_QUEUE)]:
             with contextlib.suppress(Exception):
