@@ -114,3 +114,15 @@ async def test_consumer_and_publisher_survive_a_lost_connection(rabbitmq_url, bu
                 assert await asyncio.wait_for(got[q].get(), 15) == b"after"
         finally:
             await bus.delete_declared()
+
+
+def test_missing_broker_skips_locally_and_fails_in_ci(monkeypatch):
+    from fastserve.common.testing import require_rabbitmq
+
+    monkeypatch.setenv("FASTSERVE_TEST_BROKER", "amqp://guest:guest@127.0.0.1:1/")
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="not reachable at 127.0.0.1:1"):
+        require_rabbitmq()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true requires RabbitMQ"):
+        require_rabbitmq()
