@@ -24,7 +24,8 @@ _GPU_MEMORY_FRACTION = 0.85
 
 class Engine:
     def __init__(self, model_dir: str | Path, *, dtype: str = "float32", device: str = "cpu", block_size: int = 16,
-                 num_gpu_blocks: int | None = None, num_host_blocks: int = 0, host_kv_buffer=None):
+                 num_gpu_blocks: int | None = None, num_host_blocks: int = 0, host_kv_buffer=None,
+                 cpu_prepack: bool = True):
         from .tokenizer import load_tokenizer
 
         if block_size < 1:
@@ -40,7 +41,9 @@ class Engine:
         self.block_size = block_size
         cfg = self.model_config
         weights = load_weights(self.model_dir, cfg, dtype, self.device)
-        self.model = LlamaModel(cfg, weights, self.device, self.dtype)
+        # cpu_prepack: oneDNN-packed weights on the CPU (faster; float rounding
+        # differs from F.linear's MKL GEMM in the last bits).
+        self.model = LlamaModel(cfg, weights, self.device, self.dtype, prepack=cpu_prepack)
         self.num_gpu_blocks = num_gpu_blocks if num_gpu_blocks is not None else self._default_num_blocks()
         if self.num_gpu_blocks < 1:
             raise ValueError(f"num_gpu_blocks must be >= 1, got {self.num_gpu_blocks}")
@@ -121,7 +124,7 @@ class Engine:
         decode_blocks = decode_mask = None
         if decode_tables:
             width = max(len(t) for t in decode_tables)
-            decode_blocks = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=dev)
+            decode_blocks = torch.tensor([b for t in decode_tables for b in t + [0] * (width - len(t))], device=dev)
             lens = torch.tensor(decode_lens, device=dev)
             decode_mask = (torch.arange(width * bs, device=dev)[None, :] < lens[:, None])[:, None, None, :]
         inp = StepInputs(

@@ -63,8 +63,10 @@ class KVCache:
         self._pending: list[CopyHandle] = []
 
     def _host_pool(self, block_shape, num_host_blocks: int, host_buffer) -> torch.Tensor:
+        self.host_pinned = False
         if host_buffer is None:
             pin = self.device.type == "cuda" and torch.cuda.is_available()
+            self.host_pinned = pin
             return torch.zeros((num_host_blocks, *block_shape), dtype=self.dtype, pin_memory=pin)
         if isinstance(host_buffer, torch.Tensor):
             flat = host_buffer.view(-1).view(torch.uint8) if host_buffer.dtype != torch.uint8 else host_buffer.view(-1)
@@ -78,8 +80,10 @@ class KVCache:
             n = num_host_blocks
         pool = flat[: n * self.bytes_per_block].view(self.dtype).view(n, *block_shape)
         if self.device.type == "cuda" and n and not pool.is_pinned():
-            # Page-lock the external buffer so device copies can be asynchronous.
+            # Page-lock the external buffer so device copies can be asynchronous;
+            # if the driver refuses, copies stay correct but synchronous.
             torch.cuda.cudart().cudaHostRegister(pool.data_ptr(), pool.numel() * pool.element_size(), 0)
+            self.host_pinned = bool(pool.is_pinned())
         return pool
 
     def _check(self, gpu_blocks: list[int], host_blocks: list[int]) -> None:
