@@ -160,7 +160,10 @@ def simulate(jobs: list, policy: str, args) -> dict:
 
 async def spawn_and_run(args, jobs) -> tuple[list[Result], float, dict]:
     from fastserve.common.bus_memory import MemoryBus
+    from fastserve.common.logging import setup_logging
     from fastserve.common.up import NodeConfig, Stack, ensure_default_model
+
+    setup_logging("loadgen", args.log_level)  # JSON lines on stderr; stdout stays the report
 
     model = args.model or str(ensure_default_model("~/.cache/fastserve/models"))
     cfg = NodeConfig(model=model, port=args.port, policy=args.policy, kv_policy=args.kv_policy,
@@ -222,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--gpu-kv-blocks", type=int, default=None)
     p.add_argument("--host-kv-blocks", type=int, default=1024)
+    p.add_argument("--log-level", default="WARNING", help="of the spawned services")
     p.add_argument("--profile", help="profile JSON (fastserve profile) for the scheduler and the simulator")
     args = p.parse_args(argv)
     if not args.url and not args.spawn:
