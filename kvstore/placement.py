@@ -20,7 +20,8 @@ class Cand:
     job_id: str
     blocks: int  # blocks held (resident: GPU, swapped: host) or needed (blocked)
     enst: float  # seconds until it is expected to be scheduled
-    in_batch: bool = False  # chosen for this iteration (evicting it preempts it)
+    in_batch: bool = False  # chosen for this iteration: only offloaded, never dropped
+    admission: bool = False  # blocked job that has no KV yet (a new job)
 
 
 @dataclass
@@ -66,7 +67,11 @@ class NoPlacement(KVPlacementPolicy):
 
 class ReactivePlacement(KVPlacementPolicy):
     """`reactive` (swap) and `recompute` (drop): act only at the moment a job
-    that should run lacks blocks, by evicting the latest-ENST jobs."""
+    that should run lacks blocks, by evicting jobs with a later ENST. Only a
+    copy may preempt a job chosen to run; a running job's KV is never dropped,
+    and a new job is never admitted at the price of recomputing someone else's
+    KV (as in vLLM): without these rules a stream of arrivals makes the jobs
+    recompute one another forever."""
 
     def __init__(self, swap: bool) -> None:
         self.swap = swap
@@ -74,20 +79,22 @@ class ReactivePlacement(KVPlacementPolicy):
 
     def plan(self, view: PlacementView) -> PlacementPlan:
         plan = PlacementPlan()
-        if not view.blocked and not view.want_upload:
-            return plan
-        resident, _ = view.candidates()
-        st = _State(view, resident)
+        if view.blocked or view.want_upload:
+            self._react(view, _State(view, view.candidates()[0]), plan)
+        return plan
+
+    def _react(self, view: PlacementView, st: "_State", plan: PlacementPlan) -> None:
         for c in view.blocked:
-            st.make_room(c, plan, self.swap)
+            if c.admission and not self.swap:
+                continue
+            st.make_room(c, plan, self.swap, allow_drop=not c.admission)
         if self.swap:
             for c in view.want_upload:
                 if st.free >= c.blocks:
                     st.free -= c.blocks
                     plan.upload.append(c.job_id)
                 else:
-                    st.make_room(c, plan, self.swap)
-        return plan
+                    st.make_room(c, plan, self.swap, allow_drop=True)
 
 
 class ProactivePlacement(ReactivePlacement):
@@ -105,16 +112,15 @@ class ProactivePlacement(ReactivePlacement):
         self.reserve = reserve
 
     def plan(self, view: PlacementView) -> PlacementPlan:
-        plan = super().plan(view)
+        plan = PlacementPlan()
         wm = math.ceil(self.watermark * view.num_gpu_blocks)
         rs = math.ceil(self.reserve * view.num_gpu_blocks)
         low = view.free_gpu + view.pending_free_gpu < wm
-        if not low and (view.host_used == 0 or view.free_gpu < rs):
-            return plan  # nothing to offload, nothing (or no room) to upload
+        if not (view.blocked or view.want_upload or low or (view.host_used and view.free_gpu >= rs)):
+            return plan  # nothing wanted, nothing to offload, nothing (or no room) to upload
         resident, swapped = view.candidates()
         st = _State(view, resident)
-        st.free -= sum(c.blocks for c in view.want_upload if c.job_id in plan.upload)
-        st.taken.update(plan.offload, plan.drop)
+        self._react(view, st, plan)
         # Offload ahead of need: idle jobs only (the batch runs now), latest ENST first.
         for c in st.victims():
             if st.free + st.pending >= wm:
@@ -163,9 +169,9 @@ class _State:
             self.free += c.blocks
             plan.drop.append(c.job_id)
 
-    def make_room(self, c: Cand, plan: PlacementPlan, swap: bool) -> None:
-        """Evict jobs that will run later than `c` until `c` fits (counting
-        blocks that offloads in flight will free)."""
+    def make_room(self, c: Cand, plan: PlacementPlan, swap: bool, allow_drop: bool) -> None:
+        """Evict idle jobs that will run later than `c` until `c` fits
+        (counting blocks that offloads in flight will free)."""
         if self.free + self.pending >= c.blocks:
             self._consume(c.blocks)
             return
@@ -174,7 +180,10 @@ class _State:
                 break
             if v.enst <= c.enst or v.job_id == c.job_id:
                 continue
-            self.evict(v, plan, swap)
+            if swap and self.host >= v.blocks:
+                self.evict(v, plan, swap)  # a copy: cheap enough to preempt a running job for
+            elif allow_drop and not v.in_batch:
+                self.evict(v, plan, swap=False)
         if self.free + self.pending >= c.blocks:
             self._consume(c.blocks)
 

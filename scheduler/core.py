@@ -413,7 +413,8 @@ class SchedulerCore:
         return PlacementView(
             num_gpu_blocks=self.config.num_gpu_blocks, free_gpu=w.free, pending_free_gpu=self._pending_free,
             free_host=self.host.num_free, host_used=self.host.num_used,
-            blocked=[Cand(j.id, need, self._enst(j, pos, base, now)) for j, need, pos in w.blocked],
+            blocked=[Cand(j.id, need, self._enst(j, pos, base, now), admission=not j.started)
+                     for j, need, pos in w.blocked],
             want_upload=[Cand(j.id, len(j.host_blocks), self._enst(j, pos, base, now)) for j, pos in w.want_upload],
             candidates=candidates)
 
@@ -424,8 +425,7 @@ class SchedulerCore:
             assert job.loc is Loc.GPU and not job.in_flight, job
             n = len(job.gpu_blocks)
             if not self.host.can_allocate(n):
-                plan.drop.append(jid)
-                continue
+                continue  # the policy over-booked the host: the job simply stays
             job.host_blocks = self.host.allocate(n)
             job.loc = Loc.TO_HOST
             self._pending_free += n

@@ -200,25 +200,40 @@ def test_preempted_jobs_keep_their_kv_and_are_reported():
 
 
 def test_recompute_drops_and_reprefills():
-    core = make_core("mlfq", kv="recompute", num_gpu_blocks=4, max_batch_size=4)
+    core = make_core("mlfq", kv="recompute", num_gpu_blocks=4, max_batch_size=1)
     gen = {}
-    out = {"low": 40, "hi": 2}
-    core.add_job(JobSpec("low", 0, 4, 12, 12), 0)  # 16 tokens max: fits the 4 blocks alone
+    out = {"low": 40, "hi": 3}
+    core.add_job(JobSpec("low", 0, 4, 12, 40), 0)  # 16 tokens max: fits the 4 blocks alone
     now = 0.0
     for _ in range(9):
         _, _, now = step(core, now, out, gen, elapsed=0.05)  # low: 12 tokens in KV, sinks to lower queues
     assert core.gpu_blocks_used() == 3
-    core.add_job(JobSpec("hi", now, 8, 8, 2), now)  # needs 2 blocks: only 1 free
-    d = core.schedule(now)
+    core.add_job(JobSpec("hi", now, 4, 8, 3), now)
+    # A new job is admitted into free blocks only: it never costs someone's KV.
+    d, _, now = step(core, now, out, gen)
+    assert [e.job_id for e in d.batch] == ["hi"] and d.dropped == [] and core.gpu_blocks_used() == 4
+    # hi's 5th token needs a second block: the idle, lower job's KV is dropped.
+    d, _, now = step(core, now, out, gen)
     assert d.dropped == ["low"] and [e.job_id for e in d.batch] == ["hi"]
-    core.update(IterationResult(d.iteration, 0.01, []), now + 0.01)
-    gen["hi"] = 1
-    d, fin, now = step(core, now + 0.01, out, gen)
+    assert core.job_location("low") == "none"
+    d, fin, now = step(core, now, out, gen)
     assert fin == ["hi"]
     d = core.schedule(now)
     (e,) = d.batch
     assert e.job_id == "low" and e.is_prefill and e.num_computed == 0
-    assert e.num_new_tokens == 4 + gen["low"] and e.sample
+    assert e.num_new_tokens == 4 + gen["low"] == 13 and e.sample
+
+
+def test_recompute_never_drops_to_admit_a_new_job():
+    core = make_core("mlfq", kv="recompute", num_gpu_blocks=4, max_batch_size=1)
+    gen = {}
+    core.add_job(JobSpec("low", 0, 4, 12, 40), 0)
+    now = 0.0
+    for _ in range(9):
+        _, _, now = step(core, now, {"low": 40}, gen, elapsed=0.05)
+    core.add_job(JobSpec("hi", now, 8, 8, 3), now)  # needs 2 blocks, 1 free
+    d = core.schedule(now)
+    assert d.dropped == [] and [e.job_id for e in d.batch] == ["low"]
 
 
 def test_upload_must_finish_before_the_job_runs():
