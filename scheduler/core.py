@@ -127,7 +127,7 @@ class SchedulerCore:
         uploads = self._uploads(plan.upload)
         ids = {e.job_id for e in batch}
         preempted = [jid for jid in self._last_batch if jid not in ids and jid in self._jobs
-                     and not self._jobs[jid].cancelled]
+                     and not self._jobs[jid].cancelled and not self._jobs[jid].in_flight]
         self.stats.preemptions += len(preempted)
         self._last_batch = ids
         self._outstanding[it] = batch

@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import heapq
 
-from .job import Job
+from .job import Job, Loc
 
 
 class Level:
@@ -47,8 +47,9 @@ class Level:
 
     def valid_fresh(self, entry: tuple[tuple[int, ...], str, Job], level: int) -> bool:
         key, _, job = entry
-        return (not job.started and not job.cancelled and job.level == level and job.key == key
-                and job.loc.value == "none" and not job.in_flight and _alive(job))
+        # Stale entries: the job started, was cancelled or promoted (level or key changed).
+        return not job.started and not job.cancelled and job.level == level and job.key == key \
+            and job.loc is Loc.NONE
 
     def peek_fresh(self, level: int) -> Job | None:
         """The first never-run job, dropping stale heap entries on the way."""
@@ -74,6 +75,3 @@ class Level:
     def push_back(self, job: Job) -> None:
         heapq.heappush(self.fresh, (job.key, job.id, job))
 
-
-def _alive(job: Job) -> bool:
-    return job.level >= 0
