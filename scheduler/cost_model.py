@@ -124,21 +124,28 @@ class CostModel:
         """Fixed per-iteration cost (the decode fit at B=0)."""
         return max(self.decode_coef[0], 0.0)
 
+    def _prefill_marginal(self, tokens: int) -> float:
+        """Prefill time without the per-iteration overhead (0 for 0 tokens)."""
+        return max(self.prefill_time(tokens) - self.overhead, 0.0) if tokens > 0 else 0.0
+
     def iteration_time(self, batch: Sequence[Any]) -> float:
         """`batch`: BatchEntry-like objects (is_prefill, num_new_tokens, num_computed).
-        A mixed iteration pays the prefill tokens plus the decodes' marginal cost."""
-        prefill_tokens = 0
+        One overhead per iteration; each prefill (or chunk) pays its own marginal
+        cost, extending whatever context it already has (attention is
+        quadratic per sequence, not in the batch's total); decodes pay their
+        marginal cost at their mean context."""
+        if not batch:
+            return 0.0
+        t = self.overhead
         n_dec = 0
         ctx = 0
         for e in batch:
             if e.is_prefill:
-                prefill_tokens += e.num_new_tokens
+                c = e.num_computed
+                t += self._prefill_marginal(c + e.num_new_tokens) - self._prefill_marginal(c)
             else:
                 n_dec += 1
                 ctx += e.num_computed + e.num_new_tokens
-        if prefill_tokens == 0:
-            return self.decode_time(n_dec, ctx / n_dec) if n_dec else 0.0
-        t = self.prefill_time(prefill_tokens)
         if n_dec:
             t += self.decode_time(n_dec, ctx / n_dec) - self.overhead
         return t

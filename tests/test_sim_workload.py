@@ -94,3 +94,21 @@ def test_cost_model_interpolates_and_rejects_bad_profiles(tmp_path):
     p.write_text("{")
     with pytest.raises(ProfileError, match="cannot read"):
         CostModel.from_profile(p)
+
+
+def test_iteration_time_pays_attention_per_sequence():
+    from fastserve.scheduler.types import BatchEntry
+
+    cm = CostModel.default()
+    one = cm.iteration_time([BatchEntry("a", True, 512, 0, [])])
+    four = cm.iteration_time([BatchEntry(str(i), True, 512, 0, []) for i in range(4)])
+    assert one == pytest.approx(cm.prefill_time(512))
+    assert four == pytest.approx(cm.overhead + 4 * (one - cm.overhead))
+    assert four < cm.prefill_time(2048)  # not quadratic in the batch's total tokens
+    # Two chunks cost what the whole prompt costs, plus one more overhead.
+    chunks = cm.iteration_time([BatchEntry("a", True, 256, 0, [])]) + \
+        cm.iteration_time([BatchEntry("a", True, 256, 256, [])])
+    assert chunks == pytest.approx(one + cm.overhead)
+    dec = [BatchEntry(str(i), False, 1, 99, []) for i in range(8)]
+    assert cm.iteration_time(dec) == pytest.approx(cm.decode_time(8, 100))
+    assert cm.iteration_time([]) == 0.0
