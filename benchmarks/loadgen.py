@@ -147,11 +147,33 @@ async def run_load(url: str, jobs: list, *, api_key: str | None = None, seed: in
         return list(results), time.perf_counter() - t0
 
 
-def simulate(jobs: list, policy: str, args) -> dict:
+def profile_from_steps(step_log, block_size: int) -> dict | None:
+    """A cost-model profile (the `fastserve profile` format) from the worker's
+    own step times during the run: pure-prefill steps, medians per token
+    bucket; pure-decode steps as raw (batch, mean context, seconds) points."""
+    from collections import defaultdict
+
+    pre, dec = defaultdict(list), []
+    for prefill_tokens, n_dec, ctx_sum, seconds in step_log:
+        if prefill_tokens and not n_dec:
+            pre[1 << max(prefill_tokens - 1, 0).bit_length()].append((prefill_tokens, seconds))
+        elif n_dec and not prefill_tokens:
+            dec.append({"batch_size": n_dec, "context_len": ctx_sum / n_dec, "seconds": seconds})
+    if not pre or not dec:
+        return None
+    prefill = [{"tokens": float(np.median([t for t, _ in v])), "seconds": float(np.median([s for _, s in v]))}
+               for _, v in sorted(pre.items())]
+    return {"model": "in-situ", "device": "serving run", "block_size": block_size, "prefill": prefill, "decode": dec}
+
+
+def simulate(jobs: list, policy: str, args, profile: dict | None = None) -> dict:
     from fastserve.scheduler.cost_model import CostModel
     from fastserve.scheduler.sim import SimConfig, simulate as sim
 
-    cost = CostModel.from_profile(args.profile) if args.profile else CostModel.default(args.block_size)
+    if profile is not None:
+        cost = CostModel.from_dict(profile, source="in-situ")
+    else:
+        cost = CostModel.from_profile(args.profile) if args.profile else CostModel.default(args.block_size)
     cfg = SimConfig(policy=policy, kv_policy=args.kv_policy, gpu_kv_blocks=args.gpu_kv_blocks,
                     host_kv_blocks=args.host_kv_blocks,
                     core={"max_batch_size": args.max_batch_size, "max_tokens_per_batch": args.max_tokens_per_batch})
@@ -169,8 +191,11 @@ async def spawn_and_run(args, jobs) -> tuple[list[Result], float, dict]:
     cfg = NodeConfig(model=model, port=args.port, policy=args.policy, kv_policy=args.kv_policy,
                      max_batch_size=args.max_batch_size, max_tokens_per_batch=args.max_tokens_per_batch,
                      block_size=args.block_size, gpu_kv_blocks=args.gpu_kv_blocks,
-                     host_kv_blocks=args.host_kv_blocks, profile=args.profile, replica=f"loadgen{args.port}")
-    bus = MemoryBus()
+                     host_kv_blocks=args.host_kv_blocks, profile=args.profile, replica=f"loadgen{args.port}",
+                     device=args.device, dtype=args.dtype)
+    from fastserve.common.bus import make_bus
+
+    bus = make_bus(args.broker, namespace=f"loadgen-{args.port}-{int(time.time())}") if args.broker else MemoryBus()
     await bus.connect()
     stack = await Stack(cfg, bus).start()
     try:
@@ -179,9 +204,12 @@ async def spawn_and_run(args, jobs) -> tuple[list[Result], float, dict]:
         loop = stack.scheduler.times.summary()
         loop["preemptions"] = stack.scheduler.core.stats.preemptions
         loop["offloads"] = stack.scheduler.core.stats.offloads
+        loop["in_situ_profile"] = profile_from_steps(list(stack.worker.step_log), args.block_size)
         return results, wall, loop
     finally:
         await stack.stop()
+        if hasattr(bus, "delete_declared"):
+            await bus.delete_declared()
         await bus.close()
 
 
@@ -203,7 +231,7 @@ async def _wait_health(url: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--url", help="gateway base URL (without /v1); or --spawn")
-    p.add_argument("--spawn", action="store_true", help="start the stack in this process (fastserve up, memory bus)")
+    p.add_argument("--spawn", action="store_true", help="start the stack in this process (fastserve up)")
     p.add_argument("--api-key")
     p.add_argument("--workload", default="alpaca", help="sharegpt | alpaca | trace.jsonl")
     p.add_argument("--num-jobs", type=int, default=100)
@@ -217,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     # --spawn / --sim settings (the same names as `fastserve up`)
     p.add_argument("--model")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--broker", help="with --spawn: amqp://... to put the services on RabbitMQ (default: in-memory bus)")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--policy", default="sj-mlfq", choices=["sj-mlfq", "mlfq", "fcfs"])
     p.add_argument("--kv-policy", default="proactive")
@@ -232,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give --url of a running gateway, or --spawn")
     jobs = load_jobs(args)
     report: dict = {"workload": args.workload, "num_jobs": len(jobs), "rate": args.rate, "scale": args.scale,
-                    "policy": args.policy if args.spawn else None}
+                    "policy": args.policy if args.spawn else None,
+                    "bus": (args.broker or "memory://").split("@")[-1] if args.spawn else None}
     if args.spawn:
         results, wall, loop = asyncio.run(spawn_and_run(args, jobs))
         report["scheduler_loop"] = loop
@@ -240,13 +272,20 @@ def main(argv: list[str] | None = None) -> int:
         results, wall = asyncio.run(run_load(args.url, jobs, api_key=args.api_key, seed=args.seed,
                                              progress=not args.quiet))
     report["real"] = summarize(results, wall)
+    in_situ = report.get("scheduler_loop", {}).pop("in_situ_profile", None)
     if args.sim:
-        sim = simulate(jobs, args.policy, args)
-        report["sim"] = {k: sim[k] for k in ("mean_jct", "p99_jct", "mean_ttft", "mean_norm_latency",
-                                             "p95_norm_latency", "preemptions", "throughput")}
+        keys = ("mean_jct", "p99_jct", "mean_ttft", "mean_norm_latency", "p95_norm_latency", "preemptions",
+                "throughput")
         real_jct = report["real"]["jct_s"].get("mean")
-        if real_jct:
-            report["sim_mean_jct_error"] = (sim["mean_jct"] - real_jct) / real_jct
+        # The offline profile (or the built-in one), and, with --spawn, the
+        # worker's own step times in this run: the same code, other costs.
+        for name, prof in (("sim", None), ("sim_in_situ", in_situ)):
+            if name == "sim_in_situ" and prof is None:
+                continue
+            sim = simulate(jobs, args.policy, args, prof)
+            report[name] = {k: sim[k] for k in keys}
+            if real_jct:
+                report[name]["mean_jct_error_vs_real"] = (sim["mean_jct"] - real_jct) / real_jct
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:

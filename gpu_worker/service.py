@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 
 from fastserve.common import names
@@ -73,6 +74,9 @@ class WorkerService:
         self._tasks: list[asyncio.Task] = []
         self._subs = []
         self._stopping = False
+        # (prefill tokens, decode jobs, decode context sum, seconds) per step:
+        # the in-situ cost of iterations, for calibrating the simulator.
+        self.step_log: deque[tuple[int, int, int, float]] = deque(maxlen=100_000)
         self.stats = {"steps": 0, "step_seconds": 0.0, "copies": 0, "copy_seconds": 0.0, "copy_blocks": 0}
 
     # ------------------------------------------------------------------ lifecycle
@@ -202,6 +206,9 @@ class WorkerService:
             out.append([r.job_id, int(r.token_id), float(r.logprob), top])
         self.stats["steps"] += 1
         self.stats["step_seconds"] += seconds
+        decodes = [w.num_computed + 1 for w in work if len(w.token_ids) == 1]
+        self.step_log.append((sum(len(w.token_ids) for w in work if len(w.token_ids) > 1),
+                              len(decodes), sum(decodes), seconds))
         return BatchResult(replica=cmd.replica, iteration=cmd.iteration, results=out, step_seconds=seconds)
 
     def _timed_step(self, work):
