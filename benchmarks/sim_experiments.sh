@@ -1,30 +1,41 @@
 #!/usr/bin/env bash
 # Re-runs the simulator experiments of issue 3 (numbers in benchmarks/results/scheduler.md).
-# JSON outputs land in benchmarks/results/sim/. Takes ~10-15 minutes on 2 CPU cores.
+# JSON (and PNG) outputs land in benchmarks/results/sim/. ~15 minutes on 2 busy CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=benchmarks/results/sim
 mkdir -p "$OUT"
 N=${N:-1000}
-# 1. ShareGPT-like, heavy-tailed outputs (cv 2): throughput at the SLO per policy.
-fastserve sim --workload sharegpt --cv 2 --rate 1.5 --num-jobs $N --sweep-rates --json --plot "$OUT/sharegpt_cv2.png" > "$OUT/sharegpt_cv2_sweep.json"
-# 2. Same, cv 1.
-fastserve sim --workload sharegpt --cv 1 --rate 1.5 --num-jobs $N --sweep-rates --json --plot "$OUT/sharegpt_cv1.png" > "$OUT/sharegpt_cv1_sweep.json"
-# 3. Alpaca-like, cv 2.
-fastserve sim --workload alpaca --cv 2 --rate 8 --num-jobs $N --sweep-rates --json > "$OUT/alpaca_cv2_sweep.json"
+get() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print($2)" "$1"; }
+
+# 1-3. Throughput at the SLO per policy (sweep), then every policy at the rate
+# where fcfs reaches the SLO.
+sweep() {  # name workload cv start_rate
+  fastserve sim --workload "$2" --cv "$3" --rate "$4" --num-jobs $N --sweep-rates --json \
+    --plot "$OUT/$1.png" > "$OUT/$1_sweep.json"
+  local rf
+  rf=$(get "$OUT/$1_sweep.json" "round(d['fcfs']['max_rate_at_slo'], 4)")
+  fastserve sim --workload "$2" --cv "$3" --rate "$rf" --num-jobs $N --json > "$OUT/$1_at_fcfs_slo.json"
+}
+sweep sharegpt_cv2 sharegpt 2 1.5
+sweep sharegpt_cv1 sharegpt 1 1.5
+sweep alpaca_cv2 alpaca 2 8
 # 4. Skip-join ablation on the long-prompt / short-output mix.
-fastserve sim --workload longprompt --cv 1 --rate 1.5 --num-jobs $N --policy sj-mlfq,mlfq,fcfs,srpt --sweep-rates --json > "$OUT/longprompt_sweep.json"
-# 5. All policies at the rate where fcfs reaches the SLO (read off the sweeps above).
-fastserve sim --workload sharegpt --cv 2 --rate 1.484 --num-jobs $N --json > "$OUT/sharegpt_cv2_at_fcfs_slo.json"
-fastserve sim --workload sharegpt --cv 1 --rate 1.469 --num-jobs $N --json > "$OUT/sharegpt_cv1_at_fcfs_slo.json"
-fastserve sim --workload alpaca --cv 2 --rate 9.5 --num-jobs $N --json > "$OUT/alpaca_cv2_at_fcfs_slo.json"
-# 6. KV placement with GPU memory at a third of the unconstrained peak (sj-mlfq, kv none, unlimited: 713 blocks at rate 1.0).
-fastserve sim --workload sharegpt --cv 2 --rate 1.0 --num-jobs $N --policy sj-mlfq --kv-policy none --json > "$OUT/kv_unconstrained.json"
-for host in 952 100000; do
+sweep longprompt longprompt 1 0.5
+
+# 5. KV placement: GPU memory at a third of the unconstrained peak of sj-mlfq at
+# 2/3 of fcfs's SLO rate (ShareGPT, cv 2); host pool 4x the GPU (default) and large.
+R=$(get "$OUT/sharegpt_cv2_sweep.json" "round(d['fcfs']['max_rate_at_slo'] * 2 / 3, 3)")
+fastserve sim --workload sharegpt --cv 2 --rate "$R" --num-jobs $N --policy sj-mlfq,fcfs --kv-policy none \
+  --json > "$OUT/kv_unconstrained.json"
+B=$(get "$OUT/kv_unconstrained.json" "d['sj-mlfq']['peak_gpu_blocks'] // 3")
+echo "kv experiment: rate $R, gpu blocks $B" > "$OUT/kv_setup.txt"
+for host in $((4 * B)) 100000; do
   for kv in proactive reactive recompute none; do
-    fastserve sim --workload sharegpt --cv 2 --rate 1.0 --num-jobs $N --policy sj-mlfq --kv-policy $kv \
-      --gpu-kv-blocks 238 --host-kv-blocks $host --json > "$OUT/kv_${kv}_host${host}.json"
+    fastserve sim --workload sharegpt --cv 2 --rate "$R" --num-jobs $N --policy sj-mlfq,fcfs --kv-policy $kv \
+      --gpu-kv-blocks "$B" --host-kv-blocks $host --json > "$OUT/kv_${kv}_host${host}.json"
   done
 done
-# 7. Scheduler cost.
+
+# 6. Scheduler cost.
 fastserve bench scheduler --waiting 1000,10000,100000 --batch 32 --json > "$OUT/bench_scheduler.json"

@@ -24,27 +24,30 @@ from typing import Any, Sequence
 # 2 heads * 64 * 4 bytes = 8 KiB.
 _SMALL_KV_BYTES_PER_TOKEN = 2 * 8 * 2 * 64 * 4
 
-# The built-in profile: ~28M parameters in fp32 on a 2-core CPU are compute
-# bound, so time grows linearly with tokens (about 1.2 ms per token through the
-# weights) plus a fixed per-iteration overhead and an attention term. Measured
-# profiles replace it (`--profile`); these figures are an estimate, not a measurement.
-_DEFAULT_OVERHEAD = 0.010
-_DEFAULT_PER_TOKEN = 0.0012
-_DEFAULT_PREFILL_ATTN = 0.3e-6  # * tokens^2
-_DEFAULT_DECODE_ATTN = 0.25e-6  # * batch * context
+# The built-in profile: a fit to `fastserve profile` of the `small` preset
+# (~28M parameters, fp32) on a 2-core CPU (benchmarks/results/small_cpu_profile.json,
+# measured while other jobs shared the machine, so approximate): ~8 ms fixed
+# per iteration, 0.36 ms per prompt token, a per-sequence quadratic attention
+# term for prefill, and decode steps that batch well at short context but pay
+# ~2 us per job per token of context. `--profile` replaces it.
+_DEFAULT_OVERHEAD = 0.008
+_DEFAULT_PREFILL_PER_TOKEN = 0.00036
+_DEFAULT_PREFILL_ATTN = 0.03e-6  # * tokens^2
+_DEFAULT_DECODE_PER_JOB = 0.0003
+_DEFAULT_DECODE_ATTN = 2e-6  # * batch * context
 
 
 def _default_profile(block_size: int = 16) -> dict[str, Any]:
     prefill = [
-        {"tokens": t, "seconds": _DEFAULT_OVERHEAD + _DEFAULT_PER_TOKEN * t + _DEFAULT_PREFILL_ATTN * t * t}
+        {"tokens": t, "seconds": _DEFAULT_OVERHEAD + _DEFAULT_PREFILL_PER_TOKEN * t + _DEFAULT_PREFILL_ATTN * t * t}
         for t in (1, 16, 64, 128, 256, 512, 1024, 2048)
     ]
     decode = [
         {"batch_size": b, "context_len": c,
-         "seconds": _DEFAULT_OVERHEAD + _DEFAULT_PER_TOKEN * b + _DEFAULT_DECODE_ATTN * b * c}
+         "seconds": _DEFAULT_OVERHEAD + _DEFAULT_DECODE_PER_JOB * b + _DEFAULT_DECODE_ATTN * b * c}
         for b in (1, 2, 4, 8, 16, 32, 64) for c in (64, 256, 1024, 2048)
     ]
-    return {"model": "small (built-in estimate)", "device": "cpu", "block_size": block_size,
+    return {"model": "small (built-in, fit to a 2-core CPU profile)", "device": "cpu", "block_size": block_size,
             "prefill": prefill, "decode": decode,
             "bytes_per_block": _SMALL_KV_BYTES_PER_TOKEN * block_size}
 

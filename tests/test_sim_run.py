@@ -33,7 +33,7 @@ def test_every_job_finishes_once_under_tight_memory(policy, kv):
 
 
 def test_sj_mlfq_beats_fcfs_on_heavy_tails_at_high_load():
-    jobs = synthetic("sharegpt", 200, 2.0, cv=2.0, seed=0)
+    jobs = synthetic("sharegpt", 200, 2.5, cv=2.0, seed=0)
     fcfs = simulate(jobs, SimConfig(policy="fcfs"), COST).metrics
     sj = simulate(jobs, SimConfig(policy="sj-mlfq"), COST).metrics
     srpt = simulate(jobs, SimConfig(policy="srpt"), COST).metrics
