@@ -543,7 +543,17 @@ class SchedulerService:
                             KVPlan(replica=self.config.replica, iteration=decision.iteration, moves=moves, free=free))
 
     async def _flush(self, pending: list[tuple[str, TokenEvent]]) -> list:
+        # One job's events in order; different jobs concurrently, so that
+        # RabbitMQ's publisher confirms overlap instead of adding up.
+        by_job: dict[str, list[tuple[str, TokenEvent]]] = {}
         for reply_to, event in self._take_events_now() + pending:
+            by_job.setdefault(event.job_id, []).append((reply_to, event))
+        if by_job:
+            await asyncio.gather(*(self._publish_events(evs) for evs in by_job.values()))
+        return []
+
+    async def _publish_events(self, events: list[tuple[str, TokenEvent]]) -> None:
+        for reply_to, event in events:
             try:
                 await self._publish(reply_to, event)
             except UnroutableError:
@@ -552,7 +562,7 @@ class SchedulerService:
                 if not event.finished:
                     self._push("cancel", JobCancel(job_id=event.job_id, trace_id=event.trace_id,
                                                    reason="reply queue gone"))
-        return []
+                return
 
     async def _publish(self, key: str, msg, *, exchange: str = "") -> None:
         await self.bus.publish(key, encode(msg), exchange=exchange)
