@@ -13,7 +13,6 @@ import asyncio
 import json
 import random
 import sys
-import tempfile
 import time
 import uuid
 
@@ -33,9 +32,10 @@ async def offload_check(model: str, device: str, n_jobs: int, prompt_len: int, m
     want = [o.token_ids for o in llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens,
                                                                        ignore_eos=True))]
     del llm
-    with tempfile.TemporaryDirectory() as tmp:
+    if True:
+        # The pool at its default place, /dev/shm (tmpfs): what a deployment uses.
         cfg = NodeConfig(model=model, device=device, gpu_kv_blocks=gpu_blocks, host_kv_blocks=8 * gpu_blocks,
-                         replica=f"chk{uuid.uuid4().hex[:6]}", host_kv_path=f"{tmp}/pool.bin")
+                         replica=f"chk{uuid.uuid4().hex[:6]}")
         bus = MemoryBus()
         await bus.connect()
         stack = await Stack(cfg, bus, services=("kvstore", "worker", "scheduler")).start()
@@ -52,6 +52,7 @@ async def offload_check(model: str, device: str, n_jobs: int, prompt_len: int, m
                     "offloads": core.stats.offloads, "uploads": core.stats.uploads,
                     "kvstore": {k: stack.kvstore.stats[k] for k in ("offloads", "uploads", "blocks_moved", "copy_seconds")},
                     "worker_copy_seconds": stack.worker.stats["copy_seconds"], "wall_s": wall,
+                    "host_pool_pinned": bool(stack.worker.engine.kv.host.is_pinned()),
                     "loop": stack.scheduler.times.summary()}
         finally:
             await stack.stop()

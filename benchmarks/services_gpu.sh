@@ -21,11 +21,13 @@ nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
 timeout 120 $PY -m fastserve.common.cli profile --model $M --device cuda --out "$OUT/profile_cuda.json" --quick 2>&1 | tail -1
 timeout 150 $PY benchmarks/services_check.py --model $M --device cuda --jobs 16 --prompt-len 40 --max-tokens 40 \
     --gpu-kv-blocks 16 --out "$OUT/offload_cuda.json" 2>"$OUT/offload_err.log" | tail -30
-# Load at ~70% of the batch-of-8 decode capacity the profile predicts.
-RATE=$($PY -c "
+# Load: LOAD x the batch-of-8 decode capacity the profile predicts.
+LOAD="${LOAD:-1.1}"
+RATE=$($PY -c "LOAD = $LOAD
+
 from fastserve.scheduler.cost_model import CostModel
-c = CostModel.from_profile('$OUT/profile_cuda.json'); print(min(20.0, max(0.5, round(0.7 * 8 / (338 * c.decode_time(8, 400)), 2))))")
-JOBS=$($PY -c "print(min(150, max(40, round($RATE * 25))))")
+c = CostModel.from_profile('$OUT/profile_cuda.json'); print(min(20.0, max(0.5, round(LOAD * 8 / (338 * c.decode_time(8, 400)), 2))))")
+JOBS=$($PY -c "print(min(120, max(40, round($RATE * 25))))")
 echo "rate $RATE req/s, $JOBS jobs"
 for pol in fcfs sj-mlfq; do
     timeout 150 $PY benchmarks/loadgen.py --spawn --device cuda --model $M --policy $pol --workload sharegpt --cv 2 \

@@ -110,7 +110,23 @@ class WorkerService:
         if self.pool is not None:
             assert engine.bytes_per_block == self.pool.spec.bytes_per_block, (
                 engine.bytes_per_block, self.pool.spec.bytes_per_block)
+            if engine.device.type == "cuda":
+                self._check_pinned(engine)
         return engine
+
+    def _check_pinned(self, engine) -> None:
+        import torch
+
+        # The engine page-locks the shared pool with cudaHostRegister and does
+        # not read its status: a refusal (e.g. a pool file outside tmpfs)
+        # stays as this thread's last CUDA error and would fail whichever
+        # later kernel launch on this thread checks it. Read and clear it here.
+        torch.cuda.synchronize(engine.device)
+        err = int(torch.cuda.cudart().cudaGetLastError())
+        pinned = bool(engine.kv.host.is_pinned())
+        if err or not pinned:
+            log.warning("host KV pool not page-locked: copies to and from it are synchronous",
+                        cuda_error=err, path=self.pool.spec.path)
 
     async def stop(self) -> None:
         self._stopping = True
