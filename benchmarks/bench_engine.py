@@ -43,18 +43,33 @@ def _hf_run(model, prompts, new_tokens):
     decode = generate(new_tokens) minus that."""
     import torch
 
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=model.device)
     mask = torch.ones_like(ids)
     kw = dict(do_sample=False, attention_mask=mask, pad_token_id=0)
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
     with torch.inference_mode():
+        sync()
         t0 = time.perf_counter()
         model.generate(ids, max_new_tokens=1, **kw)
+        sync()
         t1 = time.perf_counter()
         out = model.generate(ids, max_new_tokens=new_tokens, **kw)
+        sync()
         t2 = time.perf_counter()
     assert out.shape[1] == ids.shape[1] + new_tokens, "generation stopped early"
     prefill = t1 - t0
     return prefill, (t2 - t1) - prefill
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _interleaved(engine_fn, hf_fn, repeats):
@@ -125,8 +140,8 @@ def main(argv=None) -> int:
         "benchmark": "engine_vs_transformers",
         "model": "random-weight small llama (make_model preset=small, seed 0)" if args.model is None else args.model,
         "params_m": round(sum(p.numel() for p in hf.parameters()) / 1e6, 1),
-        "device": args.device, "dtype": args.dtype, "torch_threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "device": args.device if args.device == "cpu" else f"{args.device} ({torch.cuda.get_device_name()})", "dtype": args.dtype, "torch_threads": torch.get_num_threads(),
+        "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "loadavg_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "ratio_is": "engine tok/s / transformers tok/s; median over interleaved runs",

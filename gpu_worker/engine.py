@@ -12,7 +12,7 @@ from .batch import SeqResult, SeqWork
 from .config import ModelConfig
 from .kv_cache import CopyHandle, KVCache
 from .loader import load_weights, torch_dtype
-from .model import LlamaModel, PrefillSpan, StepInputs
+from .model import FreshPrefills, LlamaModel, PrefillSpan, StepInputs
 from .sampling import sample
 
 # Default device KV pool on the CPU when none is given: this many full-length
@@ -118,6 +118,11 @@ class Engine:
             else:
                 table = torch.tensor(w.block_table[:nblocks], device=dev) if w.num_computed else None
                 prefills.append(PrefillSpan(start, n, w.num_computed, table))
+        fresh = None
+        starts = [p for p in prefills if p.num_computed == 0]
+        if len(starts) > 1:
+            prefills = [p for p in prefills if p.num_computed > 0]
+            fresh = self._fresh_prefills(starts)
         pos_t = torch.tensor(positions, device=dev)
         cos = self.model.cos_table.index_select(0, pos_t).to(self.dtype)[:, None, :]
         sin = self.model.sin_table.index_select(0, pos_t).to(self.dtype)[:, None, :]
@@ -134,9 +139,27 @@ class Engine:
             num_decode=len(decode_tables),
             decode_blocks=decode_blocks, decode_mask=decode_mask,
             prefills=prefills,
+            fresh=fresh,
             logit_rows=None if all_logits else torch.tensor(logit_rows, device=dev, dtype=torch.long),
         )
         return inp, order
+
+    def _fresh_prefills(self, spans: list[PrefillSpan]) -> FreshPrefills:
+        dev = self.device
+        L = max(p.length for p in spans)
+        index, rows, slots, lens = [], [], [], []
+        for j, p in enumerate(spans):
+            index.extend(range(p.start, p.start + p.length))
+            index.extend([p.start] * (L - p.length))  # padding: a real row, masked out as a key
+            rows.extend(range(p.start, p.start + p.length))
+            slots.extend(range(j * L, j * L + p.length))
+            lens.append(p.length)
+        ar = torch.arange(L, device=dev)
+        causal = ar[None, :] <= ar[:, None]  # (L, L): query i sees keys <= i
+        in_prompt = ar[None, :] < torch.tensor(lens, device=dev)[:, None]  # (P, L) keys
+        mask = (causal[None] & in_prompt[:, None, :])[:, None]  # padded queries still see key 0: no NaN
+        return FreshPrefills(torch.tensor(index, device=dev), mask, torch.tensor(rows, device=dev),
+                             torch.tensor(slots, device=dev), len(spans), L)
 
     @torch.inference_mode()
     def forward(self, work: list[SeqWork], all_logits: bool = False) -> torch.Tensor:

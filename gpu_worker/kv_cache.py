@@ -8,7 +8,38 @@ head_dim), so each host block is one contiguous run of `bytes_per_block`
 bytes: a shared-memory KV store can hand out blocks by offset."""
 from __future__ import annotations
 
+import weakref
+
 import torch
+
+
+def _pin(t: torch.Tensor) -> bool:
+    """Page-lock an external host buffer so device copies can be asynchronous.
+    If the driver refuses, copies stay correct but synchronous."""
+    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 1)  # portable
+    if int(err) != 0:
+        _consume_cuda_error(t.device if t.is_cuda else torch.device("cuda"))
+        return False
+    return True
+
+
+def _consume_cuda_error(device) -> None:
+    """A failed runtime call leaves its error to be reported by torch's next
+    kernel-launch check; take it here instead of failing unrelated work."""
+    get_last = getattr(torch.cuda.cudart(), "cudaGetLastError", None)
+    if get_last is not None:
+        get_last()
+        return
+    try:
+        torch.zeros(1, device=device).add_(1)
+        torch.cuda.synchronize(device)
+    except RuntimeError:
+        pass
+
+
+def _unpin(ptr: int) -> None:
+    if int(torch.cuda.cudart().cudaHostUnregister(ptr)) != 0:
+        _consume_cuda_error(torch.device("cuda"))
 
 
 class CopyHandle:
@@ -80,10 +111,9 @@ class KVCache:
             n = num_host_blocks
         pool = flat[: n * self.bytes_per_block].view(self.dtype).view(n, *block_shape)
         if self.device.type == "cuda" and n and not pool.is_pinned():
-            # Page-lock the external buffer so device copies can be asynchronous;
-            # if the driver refuses, copies stay correct but synchronous.
-            torch.cuda.cudart().cudaHostRegister(pool.data_ptr(), pool.numel() * pool.element_size(), 0)
-            self.host_pinned = bool(pool.is_pinned())
+            self.host_pinned = _pin(pool)
+            if self.host_pinned:
+                weakref.finalize(self, _unpin, pool.data_ptr())
         return pool
 
     def _check(self, gpu_blocks: list[int], host_blocks: list[int]) -> None:

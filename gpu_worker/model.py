@@ -3,7 +3,9 @@
 All jobs' new tokens are packed into one flat sequence of T tokens
 (decode jobs first). Projections and MLPs run once over all T tokens;
 attention runs batched over the decode jobs (their K/V gathered from blocks
-into a padded tensor with a length mask) and per job for prefills. The
+into a padded tensor with a length mask); prompts that start at position 0 are
+padded into one causal batch, prompt chunks that continue a cached prefix
+attend one job at a time. The
 arithmetic follows transformers' modeling_llama so greedy outputs match it."""
 from __future__ import annotations
 
@@ -105,6 +107,19 @@ class PrefillSpan:
 
 
 @dataclass
+class FreshPrefills:
+    """Prompts starting at position 0, padded to one (P, L) batch so their
+    attention is one call rather than one per job."""
+
+    index: torch.Tensor  # (P * L,) packed-token row of each padded slot (padding: any row)
+    mask: torch.Tensor  # (P, 1, L, L) causal and within the prompt
+    rows: torch.Tensor  # packed-token rows of the real slots...
+    slots: torch.Tensor  # ...and their positions in the padded (P * L) batch
+    num: int
+    length: int
+
+
+@dataclass
 class StepInputs:
     """Tensors shared by all layers of one step, built once."""
 
@@ -115,7 +130,8 @@ class StepInputs:
     num_decode: int  # the first num_decode tokens are one-token jobs
     decode_blocks: torch.Tensor | None  # (B * max_blocks,) block ids, each job's row padded
     decode_mask: torch.Tensor | None  # (B, 1, 1, max_blocks * block_size), True = attend
-    prefills: list[PrefillSpan]
+    prefills: list[PrefillSpan]  # attended one by one
+    fresh: FreshPrefills | None  # attended together
     logit_rows: torch.Tensor | None  # rows of T whose logits are wanted (None: all)
 
 
@@ -183,6 +199,15 @@ class LlamaModel:
             qd = q[:B].view(B, nkv, nh // nkv, hd)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=inp.decode_mask, scale=self.scale)
             out[:B] = od.reshape(B, nh, hd)
+        if inp.fresh is not None:
+            f = inp.fresh
+            P, L = f.num, f.length
+            qf = q.index_select(0, f.index).view(P, L, nh, hd).transpose(1, 2)
+            kf = k.index_select(0, f.index).view(P, L, nkv, hd).transpose(1, 2)
+            vf = v.index_select(0, f.index).view(P, L, nkv, hd).transpose(1, 2)
+            of = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=f.mask, scale=self.scale, enable_gqa=True)
+            of = of.transpose(1, 2).reshape(P * L, nh, hd)
+            out.index_copy_(0, f.rows, of.index_select(0, f.slots))
         for span in inp.prefills:
             a, n = span.start, span.length
             qp = q[a:a + n].transpose(0, 1)[None]  # (1, nh, n, hd)
