@@ -29,10 +29,10 @@ RATE=$($PY -c "LOAD = $LOAD
 
 from fastserve.scheduler.cost_model import CostModel
 c = CostModel.from_profile('$OUT/profile_cuda.json'); print(min(20.0, max(0.5, round(LOAD * 8 / (338 * c.decode_time(8, 400)), 2))))")
-JOBS=$($PY -c "print(min(120, max(40, round($RATE * 25))))")
+JOBS=$($PY -c "print(min(90, max(40, round($RATE * 20))))")
 echo "rate $RATE req/s, $JOBS jobs"
 for pol in fcfs sj-mlfq; do
-    timeout 150 $PY benchmarks/loadgen.py --spawn --device cuda --model $M --policy $pol --workload sharegpt --cv 2 \
+    timeout 100 $PY benchmarks/loadgen.py --spawn --device cuda --model $M --policy $pol --workload sharegpt --cv 2 \
         --num-jobs "$JOBS" --rate "$RATE" --max-batch-size 8 --gpu-kv-blocks 4096 --profile "$OUT/profile_cuda.json" --sim --quiet \
         --out "$OUT/loadgen_$pol.json" >/dev/null 2>"$OUT/loadgen_err_$pol.log"
     echo "$pol rc=$?"; $PY -c "
