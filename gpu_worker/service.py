@@ -120,13 +120,20 @@ class WorkerService:
         # The engine page-locks the shared pool with cudaHostRegister and does
         # not read its status: a refusal (e.g. a pool file outside tmpfs)
         # stays as this thread's last CUDA error and would fail whichever
-        # later kernel launch on this thread checks it. Read and clear it here.
-        torch.cuda.synchronize(engine.device)
-        err = int(torch.cuda.cudart().cudaGetLastError())
+        # later kernel launch on this thread checks it. A throwaway launch
+        # surfaces (and so clears) it here.
+        error = None
+        for _ in range(2):
+            try:
+                torch.ones(1, device=engine.device).add_(1)
+                torch.cuda.synchronize(engine.device)
+                break
+            except Exception as exc:  # torch.AcceleratorError (a RuntimeError)
+                error = str(exc).splitlines()[0]
         pinned = bool(engine.kv.host.is_pinned())
-        if err or not pinned:
+        if error or not pinned:
             log.warning("host KV pool not page-locked: copies to and from it are synchronous",
-                        cuda_error=err, path=self.pool.spec.path)
+                        cuda_error=error, path=self.pool.spec.path)
 
     async def stop(self) -> None:
         self._stopping = True
