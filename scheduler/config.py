@@ -29,7 +29,7 @@ class SchedulerCoreConfig:
     starvation_slo_factor: float = 50.0
     # Promotions are capped per iteration: promoting more jobs than can run
     # only reorders Q0, and an uncapped burst would make one schedule() O(jobs).
-    max_promotions_per_iteration: int = 64
+    max_promotions_per_iteration: int = 16
     # Per iteration, at most this many jobs that cannot run now (blocked on
     # memory, swapped out) are considered, and at most this many offload and
     # upload candidates are ranked by ENST: bounds schedule() under memory pressure.

@@ -10,7 +10,7 @@ until their update() arrives (one update per decision, any order).
 """
 from __future__ import annotations
 
-import math
+import bisect
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
@@ -20,11 +20,12 @@ from .block_pool import BlockPool
 from .config import SchedulerCoreConfig
 from .cost_model import CostModel
 from .job import Job, Loc
-from .levels import Level
+from .levels import Level, PrioritySet
 from .policies import make_policy
 from .types import BatchEntry, IterationResult, JobSpec, KVMove, ScheduleDecision
 
 __all__ = ["SchedulerCore", "SchedulerCoreConfig", "SchedulerStats"]
+
 
 
 @dataclass
@@ -77,6 +78,9 @@ class SchedulerCore:
         self._last_batch: set[str] = set()
         self._reserved = 0  # blocks reserved for whole outputs (kv policy "none")
         self._pending_free = 0  # GPU blocks that offloads in flight will free
+        # Jobs by where their KV is: memory bounds these, not the number of waiting jobs.
+        self._by_loc: dict[Loc, dict[str, Job]] = {loc: {} for loc in Loc if loc is not Loc.NONE}
+        self._ranked = {Loc.GPU: PrioritySet(), Loc.HOST: PrioritySet()}
         self.stats = SchedulerStats()
         self.join_histogram = [0] * n
 
@@ -166,11 +170,11 @@ class SchedulerCore:
             self._pending_free -= len(job.gpu_blocks)
             self.gpu.free(job.gpu_blocks)
             job.gpu_blocks = []
-            job.loc = Loc.HOST
+            self._set_loc(job, Loc.HOST)
         elif direction == "upload" and job.loc is Loc.TO_GPU:
             self.host.free(job.host_blocks)
             job.host_blocks = []
-            job.loc = Loc.GPU
+            self._set_loc(job, Loc.GPU)
         else:
             raise ValueError(f"copy_done({job_id}, {direction!r}) but its KV is {job.loc.value}")
         if job.cancelled:
@@ -197,7 +201,8 @@ class SchedulerCore:
 
     @property
     def num_swapped(self) -> int:
-        return sum(1 for lv in self._levels for j in lv.jobs if j.loc in (Loc.HOST, Loc.TO_HOST, Loc.TO_GPU))
+        return sum(len(self._by_loc[loc]) - sum(1 for j in self._by_loc[loc].values() if j.cancelled)
+                   for loc in (Loc.HOST, Loc.TO_HOST, Loc.TO_GPU))
 
     @property
     def num_waiting(self) -> int:
@@ -226,12 +231,35 @@ class SchedulerCore:
         job.seq = self._seq
         job.key = self.policy.key(job.seq, job.remaining_tokens)
 
-    def _move(self, job: Job, level: int) -> None:
+    def _set_loc(self, job: Job, loc: Loc) -> None:
+        if job.loc is not Loc.NONE:
+            del self._by_loc[job.loc][job.id]
+            if job.loc in self._ranked:
+                self._ranked[job.loc].discard(job)
+        job.loc = loc
+        if loc is not Loc.NONE:
+            self._by_loc[loc][job.id] = job
+            if loc in self._ranked:
+                self._ranked[loc].add(job)
+
+    def _reprioritize(self, job: Job, level: int, key: tuple[int, ...]) -> None:
+        ranked = self._ranked.get(job.loc)
+        if ranked is not None:
+            ranked.discard(job)
         self._levels[job.level].remove(job)
         job.level = level
-        job.charge = 0.0
-        self._set_key(job)
+        job.key = key
         self._levels[level].add(job)
+        if ranked is not None:
+            ranked.add(job)
+
+    def _move(self, job: Job, level: int) -> None:
+        charge = job.charge
+        job.charge = 0.0
+        self._levels[job.level].charge_sum -= charge  # remove() below then takes off 0
+        self._seq += 1
+        job.seq = self._seq
+        self._reprioritize(job, level, self.policy.key(job.seq, job.remaining_tokens))
 
     def _charge(self, job: Job, elapsed: float, now: float) -> None:
         lv = self._levels[job.level]
@@ -243,9 +271,7 @@ class SchedulerCore:
             self.stats.demotions += 1
             self._move(job, job.level + 1)
         elif self.policy.oracle:
-            lv.remove(job)
-            job.key = self.policy.key(job.seq, job.remaining_tokens)
-            lv.add(job)
+            self._reprioritize(job, job.level, self.policy.key(job.seq, job.remaining_tokens))
 
     def _promote(self, now: float) -> None:
         limit = self.config.max_promotions_per_iteration
@@ -277,6 +303,7 @@ class SchedulerCore:
         # Jobs that cannot run (blocked, swapped) are looked at up to a budget,
         # so memory pressure cannot make one iteration scan every job.
         budget = cfg.max_candidates
+        examined = 0
         w = _Walk([], [], [], [], 0)
         for li, lv in enumerate(self._levels):
             keys, jobs = lv.keys, lv.jobs
@@ -290,10 +317,11 @@ class SchedulerCore:
                     job, pos = fresh, i
                 else:
                     break
+                if examined - len(w.batch) >= budget:
+                    break
+                examined += 1
                 if job.in_flight or job.cancelled:
                     continue
-                if len(w.blocked) + len(w.want_upload) >= budget:
-                    break
                 loc = job.loc
                 if loc is Loc.GPU:
                     n = min(job.known_tokens - job.num_computed, tokens_left)
@@ -303,7 +331,6 @@ class SchedulerCore:
                         free -= need
                         tokens_left -= n
                     else:
-                        assert not reserve_mode, "reserved job ran out of blocks"
                         w.blocked.append((job, need, pos))
                 elif loc is Loc.NONE:
                     if not admit_open:
@@ -326,7 +353,7 @@ class SchedulerCore:
                         w.blocked.append((job, need, pos))
                 elif loc is Loc.HOST and len(w.batch) + len(w.want_upload) < max_b:
                     w.want_upload.append((job, pos))
-            if len(w.batch) >= max_b or tokens_left <= 0 or len(w.blocked) + len(w.want_upload) >= budget:
+            if len(w.batch) >= max_b or tokens_left <= 0 or examined - len(w.batch) >= budget:
                 break
         w.free = free
         return w
@@ -335,7 +362,7 @@ class SchedulerCore:
         if not job.started:
             self._levels[job.level].start(job)
         if job.loc is Loc.NONE:
-            job.loc = Loc.GPU
+            self._set_loc(job, Loc.GPU)
             if self.kv_policy.reserve_full_length:
                 job.reserved = self._blocks(job.spec.input_len + job.spec.max_tokens)
                 self._reserved += job.reserved
@@ -366,6 +393,10 @@ class SchedulerCore:
             base.append(a)
         return base
 
+    def _pos(self, job: Job) -> int:
+        """Position among the started jobs of its level."""
+        return bisect.bisect_left(self._levels[job.level].keys, job.key)
+
     def _enst(self, job: Job, pos: int, base: list[float], now: float) -> float:
         work = (base[job.level] + pos * self._qf[job.level]) / self.config.max_batch_size
         if self.policy.starvation:
@@ -382,31 +413,23 @@ class SchedulerCore:
         def candidates() -> tuple[list[Cand], list[Cand]]:
             """The `limit` lowest-priority resident jobs (offload victims come
             from there) and the `limit` highest-priority swapped ones (upload
-            candidates), with their ENST: bounded work per iteration."""
+            candidates), with their ENST. Costs O(jobs with KV), never
+            O(waiting jobs)."""
             if cache:
                 return cache[0]
             resident: list[Cand] = []
-            swapped: list[Cand] = []
-            for lv in reversed(self._levels):
-                jobs = lv.jobs
-                for pos in range(len(jobs) - 1, -1, -1):
-                    job = jobs[pos]
-                    if job.loc is Loc.GPU and not job.in_flight and not job.cancelled:
-                        resident.append(Cand(job.id, len(job.gpu_blocks), self._enst(job, pos, base, now),
-                                             job.id in in_batch))
-                        if len(resident) >= limit:
-                            break
+            for j in self._ranked[Loc.GPU].lowest_first():
                 if len(resident) >= limit:
                     break
-            if self.host.num_used:
-                for lv in self._levels:
-                    for pos, job in enumerate(lv.jobs):
-                        if job.loc is Loc.HOST and not job.in_flight and not job.cancelled:
-                            swapped.append(Cand(job.id, len(job.host_blocks), self._enst(job, pos, base, now)))
-                            if len(swapped) >= limit:
-                                break
-                    if len(swapped) >= limit:
-                        break
+                if not j.in_flight and not j.cancelled:
+                    resident.append(Cand(j.id, len(j.gpu_blocks), self._enst(j, self._pos(j), base, now),
+                                         j.id in in_batch))
+            swapped: list[Cand] = []
+            for j in self._ranked[Loc.HOST].highest_first():
+                if len(swapped) >= limit:
+                    break
+                if not j.cancelled:
+                    swapped.append(Cand(j.id, len(j.host_blocks), self._enst(j, self._pos(j), base, now)))
             cache.append((resident, swapped))
             return cache[0]
 
@@ -427,7 +450,7 @@ class SchedulerCore:
             if not self.host.can_allocate(n):
                 continue  # the policy over-booked the host: the job simply stays
             job.host_blocks = self.host.allocate(n)
-            job.loc = Loc.TO_HOST
+            self._set_loc(job, Loc.TO_HOST)
             self._pending_free += n
             offloads.append(KVMove(jid, "offload", list(job.gpu_blocks), list(job.host_blocks)))
         dropped = []
@@ -437,7 +460,7 @@ class SchedulerCore:
             self.gpu.free(job.gpu_blocks)
             job.gpu_blocks = []
             job.num_computed = 0
-            job.loc = Loc.NONE
+            self._set_loc(job, Loc.NONE)
             dropped.append(jid)
         self.stats.offloads += len(offloads)
         self.stats.swaps += len(offloads)
@@ -454,7 +477,7 @@ class SchedulerCore:
             if not self.gpu.can_allocate(n):
                 continue  # the batch took the blocks after all; ask again next iteration
             job.gpu_blocks = self.gpu.allocate(n)
-            job.loc = Loc.TO_GPU
+            self._set_loc(job, Loc.TO_GPU)
             moves.append(KVMove(jid, "upload", list(job.host_blocks), list(job.gpu_blocks)))
         self.stats.uploads += len(moves)
         self.stats.swaps += len(moves)
@@ -476,4 +499,5 @@ class SchedulerCore:
         job.gpu_blocks, job.host_blocks = [], []
         self._reserved -= job.reserved
         job.reserved = 0
+        self._set_loc(job, Loc.NONE)
         del self._jobs[job.id]

@@ -75,3 +75,39 @@ class Level:
     def push_back(self, job: Job) -> None:
         heapq.heappush(self.fresh, (job.key, job.id, job))
 
+
+
+class PrioritySet:
+    """Jobs sorted by priority (level, key): lets the KV placement find the
+    lowest-priority resident jobs and the highest-priority swapped ones in
+    O(answer) instead of scanning. Memory bounds its size."""
+
+    def __init__(self) -> None:
+        self._keys: list[tuple] = []
+        self._jobs: list[Job] = []
+        self._key_of: dict[str, tuple] = {}
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def add(self, job: Job) -> None:
+        k = (job.level, job.key)
+        i = bisect.bisect_left(self._keys, k)
+        self._keys.insert(i, k)
+        self._jobs.insert(i, job)
+        self._key_of[job.id] = k
+
+    def discard(self, job: Job) -> None:
+        k = self._key_of.pop(job.id, None)
+        if k is None:
+            return
+        i = bisect.bisect_left(self._keys, k)
+        assert self._jobs[i] is job, (job, self._jobs[i])
+        del self._keys[i]
+        del self._jobs[i]
+
+    def lowest_first(self):
+        return reversed(self._jobs)
+
+    def highest_first(self):
+        return iter(self._jobs)
