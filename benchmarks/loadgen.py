@@ -192,7 +192,7 @@ async def spawn_and_run(args, jobs) -> tuple[list[Result], float, dict]:
                      max_batch_size=args.max_batch_size, max_tokens_per_batch=args.max_tokens_per_batch,
                      block_size=args.block_size, gpu_kv_blocks=args.gpu_kv_blocks,
                      host_kv_blocks=args.host_kv_blocks, profile=args.profile, replica=f"loadgen{args.port}",
-                     device=args.device, dtype=args.dtype)
+                     device=args.device, dtype=args.dtype, pipeline_depth=args.pipeline_depth)
     from fastserve.common.bus import make_bus
 
     bus = make_bus(args.broker, namespace=f"loadgen-{args.port}-{int(time.time())}") if args.broker else MemoryBus()
@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--policy", default="sj-mlfq", choices=["sj-mlfq", "mlfq", "fcfs"])
     p.add_argument("--kv-policy", default="proactive")
+    p.add_argument("--pipeline-depth", type=int, default=1)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-tokens-per-batch", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=16)

@@ -41,6 +41,7 @@ class NodeConfig:
     kv_policy: Literal["proactive", "reactive", "recompute", "none"] = field(default="proactive", metadata={"help": "KV placement policy"})
     max_batch_size: int = field(default=32, metadata={"help": "jobs per iteration"})
     max_tokens_per_batch: int = field(default=2048, metadata={"help": "tokens per iteration"})
+    pipeline_depth: int = field(default=1, metadata={"help": "batches in flight per scheduler (>1 hides the bus round trip; one stage then alternates jobs between batches)"})
     max_queued_jobs: int = field(default=0, metadata={"help": "jobs a scheduler holds before leaving the rest in the queue (0: no limit)"})
     block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
     gpu_kv_blocks: int | None = field(default=None, metadata={"help": "GPU KV blocks (default: sized from free memory)"})
@@ -56,7 +57,7 @@ class NodeConfig:
             raise ValueError(f"broker must be memory:// or amqp://..., got {self.broker!r}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
-        for name in ("max_batch_size", "max_tokens_per_batch", "block_size"):
+        for name in ("max_batch_size", "max_tokens_per_batch", "block_size", "pipeline_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.gpu_kv_blocks is not None and self.gpu_kv_blocks < 1:
@@ -82,7 +83,7 @@ class NodeConfig:
             replica=self.replica, model=self.model_name(), policy=self.policy, kv_policy=self.kv_policy,
             max_batch_size=self.max_batch_size, max_tokens_per_batch=self.max_tokens_per_batch,
             gpu_kv_blocks=self.gpu_kv_blocks, host_kv_blocks=self.host_kv_blocks if self.host_kv_enabled else 0,
-            profile=self.profile, max_queued_jobs=self.max_queued_jobs, **kw)
+            profile=self.profile, max_queued_jobs=self.max_queued_jobs, pipeline_depth=self.pipeline_depth, **kw)
 
     def worker_config(self, **kw):
         from fastserve.gpu_worker.service import WorkerServiceConfig

@@ -232,13 +232,18 @@ class SchedulerServiceConfig:
     stats_interval: float = 0.5
     result_timeout: float = 120.0  # a worker silent this long has failed its batch
     worker_wait: float = 300.0  # how long start() waits for the worker's first heartbeat
+    # Batches in flight at once. 1: schedule -> result -> schedule. More keeps
+    # the worker's queue full while results travel (the core leaves jobs of
+    # outstanding batches out, so on one stage consecutive batches hold
+    # different jobs): for pipelines of several stages, or to hide the bus.
+    pipeline_depth: int = 1
     core_options: dict = field(default_factory=dict)  # extra SchedulerCoreConfig fields
 
     def __post_init__(self) -> None:
         if not self.instance_id:
             self.instance_id = f"scheduler-{self.replica}-{uuid.uuid4().hex[:6]}"
         for name in ("max_batch_size", "max_tokens_per_batch", "heartbeat_interval", "stats_interval",
-                     "result_timeout"):
+                     "result_timeout", "pipeline_depth"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.gpu_kv_blocks is not None and self.gpu_kv_blocks <= 0:
@@ -249,15 +254,26 @@ class SchedulerServiceConfig:
 
 @dataclass
 class LoopTimes:
-    """Per-iteration control overhead: wall time between consecutive command
-    sends of back-to-back iterations minus the engine's own step time."""
+    """Per-iteration control overhead: the wall time between consecutive
+    results of back-to-back iterations (no idle wait between them) minus the
+    engine's own step time. Zero would mean the worker never waits for the
+    scheduler or the bus."""
 
     iterations: int = 0
     step_seconds: float = 0.0  # sum of the worker's step() times
-    wall_seconds: float = 0.0  # sum of send(i) -> send(i+1) gaps (back-to-back only)
-    back_to_back: int = 0
-    step_in_back_to_back: float = 0.0
     round_trip_seconds: float = 0.0  # send -> result received, summed
+    back_to_back: int = 0
+    wall_seconds: float = 0.0  # result(i-1) -> result(i) gaps, back-to-back only
+    step_in_back_to_back: float = 0.0
+
+    def record(self, sent: float, received: float, last_received: float | None, step: float) -> None:
+        self.iterations += 1
+        self.step_seconds += step
+        self.round_trip_seconds += received - sent
+        if last_received is not None:
+            self.back_to_back += 1
+            self.wall_seconds += received - last_received
+            self.step_in_back_to_back += step
 
     def summary(self) -> dict:
         n = max(self.back_to_back, 1)
@@ -281,13 +297,12 @@ class SchedulerService:
         self._worker_seen = asyncio.Event()
         self._wake = asyncio.Event()
         self._inbox: list[tuple[str, object]] = []
-        self._expect: tuple[int, asyncio.Future] | None = None
+        self._expect: dict[int, asyncio.Future] = {}  # iteration -> its result, while in flight
         self._recent_cancels: OrderedDict[str, None] = OrderedDict()
         self._tasks: list[asyncio.Task] = []
         self._subs = []
         self._stopping = False
         self._events_now: list[tuple[str, TokenEvent]] = []  # errors found outside a result
-        self._last_step = 0.0
         self.failed: BaseException | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -353,8 +368,9 @@ class SchedulerService:
     async def _on_reply(self, body: bytes, headers: dict) -> None:
         msg = decode(body, (BatchResult, KVCopyDone))
         if isinstance(msg, BatchResult):
-            if self._expect and self._expect[0] == msg.iteration and not self._expect[1].done():
-                self._expect[1].set_result(msg)
+            fut = self._expect.get(msg.iteration)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
             else:
                 log.warning("stale batch result", iteration=msg.iteration)
         else:
@@ -386,59 +402,66 @@ class SchedulerService:
             self._stopping = True
 
     async def _loop(self) -> None:
+        depth = self.config.pipeline_depth
+        inflight: OrderedDict[int, tuple[object, asyncio.Future, float]] = OrderedDict()
         pending: list[tuple[str, TokenEvent]] = []
-        last_send: float | None = None
+        last_received: float | None = None  # None after an idle wait: the next gap is not back-to-back
         last_stats = 0.0
         while not self._stopping:
-            now = time.monotonic()
-            self._apply_inbox(now)
-            decision = self.core.schedule(now)
-            await self._send_plan(decision)
-            cmd = self.jobs.command(self.config.replica, decision) if decision.batch else None
-            if cmd is not None:
-                fut = asyncio.get_running_loop().create_future()
-                self._expect = (decision.iteration, fut)
-                sent = time.perf_counter()
-                await self._publish(names.worker_queue(self.config.replica), cmd)
-            # Hidden work: last iteration's tokens go out while this one runs.
+            sent_now = False
+            if len(inflight) < depth:
+                now = time.monotonic()
+                self._apply_inbox(now)
+                decision = self.core.schedule(now)
+                await self._send_plan(decision)
+                if decision.batch:
+                    cmd = self.jobs.command(self.config.replica, decision)
+                    fut = asyncio.get_running_loop().create_future()
+                    self._expect[decision.iteration] = fut
+                    inflight[decision.iteration] = (decision, fut, time.perf_counter())
+                    await self._publish(names.worker_queue(self.config.replica), cmd)
+                    sent_now = True
+                else:
+                    # Nothing ran: settle the decision so the core does not keep it outstanding.
+                    self.core.update(IterationResult(decision.iteration, 0.0, []), now)
+            # Hidden work: the tokens of the iteration just applied go out while this one runs.
             pending = await self._flush(pending)
             if time.monotonic() - last_stats >= self.config.stats_interval:
                 last_stats = time.monotonic()
                 await self._publish_stats()
-            if cmd is None:
-                last_send = None
-                if self.jobs.has_worker_free():
-                    await self._publish(names.worker_queue(self.config.replica),
-                                        BatchCommand(replica=self.config.replica, iteration=-1,
-                                                     free=self.jobs.take_worker_free()))
-                self._wake.clear()
-                if not self._inbox:
-                    # Idle, or waiting on copies: a copy report or a job wakes us.
-                    timeout = 0.005 if self.jobs.num_unfinished() else 1.0
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), timeout)
-                    except asyncio.TimeoutError:
-                        pass
+            if sent_now and len(inflight) < depth:
+                continue  # fill the pipeline before waiting
+            if not inflight:
+                last_received = None
+                await self._idle()
                 continue
+            iteration, (decision, fut, sent) = next(iter(inflight.items()))
             try:
                 result = await asyncio.wait_for(fut, self.config.result_timeout)
             except asyncio.TimeoutError:
-                result = BatchResult(replica=self.config.replica, iteration=decision.iteration,
+                result = BatchResult(replica=self.config.replica, iteration=iteration,
                                      error=f"no result from the worker within {self.config.result_timeout:.0f}s")
-            finally:
-                self._expect = None
+            del inflight[iteration]
+            self._expect.pop(iteration, None)
             received = time.perf_counter()
-            t = self.times
-            t.iterations += 1
-            t.step_seconds += result.step_seconds
-            t.round_trip_seconds += received - sent
-            if last_send is not None:
-                t.back_to_back += 1
-                t.wall_seconds += sent - last_send
-                t.step_in_back_to_back += self._last_step
-            last_send, self._last_step = sent, result.step_seconds
+            self.times.record(sent, received, last_received, result.step_seconds)
+            last_received = received
             pending = self._apply_result(decision, result) + pending
         await self._flush(pending)
+
+    async def _idle(self) -> None:
+        if self.jobs.has_worker_free():
+            await self._publish(names.worker_queue(self.config.replica),
+                                BatchCommand(replica=self.config.replica, iteration=-1,
+                                             free=self.jobs.take_worker_free()))
+        self._wake.clear()
+        if not self._inbox:
+            # Idle, or waiting on copies: a copy report or a job wakes us.
+            timeout = 0.005 if self.jobs.num_unfinished() else 1.0
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
 
     def _apply_inbox(self, now: float) -> None:
         inbox, self._inbox = self._inbox, []

@@ -93,10 +93,11 @@ async def stack_factory():
         await s.stop()
 
 
-async def test_greedy_outputs_equal_the_offline_engine(bus, stack_factory, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("depth", [1, 2])
+async def test_greedy_outputs_equal_the_offline_engine(bus, stack_factory, tiny_model_dir, tmp_path, depth):
     ps = prompts(5, 12) + prompts(2, 40, seed=1)
     expected = offline_greedy(tiny_model_dir, ps, 10)
-    await stack_factory(node(tiny_model_dir, tmp_path), bus)
+    s = await stack_factory(node(tiny_model_dir, tmp_path, pipeline_depth=depth), bus)
     client = await Client(bus).start()
     ids = [await client.submit(p, 10, ignore_eos=True) for p in ps]
     for i, job_id in enumerate(ids):
@@ -104,6 +105,12 @@ async def test_greedy_outputs_equal_the_offline_engine(bus, stack_factory, tiny_
         assert ev.error is None and ev.finish_reason == "length"
         assert ev.num_prompt_tokens == len(ps[i]) and ev.num_generated == 10
         assert client.tokens[job_id] == expected[i]
+    # Every decision gets settled (none left outstanding in the core), idle ones too.
+    for _ in range(100):
+        if len(s.scheduler.core._outstanding) <= 1 and not s.scheduler._expect:
+            break
+        await asyncio.sleep(0.01)
+    assert len(s.scheduler.core._outstanding) <= 1 and not s.scheduler._expect  # <= 1: one being made
 
 
 async def test_offload_and_upload_under_a_tiny_gpu_pool_change_no_token(bus, stack_factory,
