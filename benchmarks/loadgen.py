@@ -147,23 +147,26 @@ async def run_load(url: str, jobs: list, *, api_key: str | None = None, seed: in
         return list(results), time.perf_counter() - t0
 
 
-def profile_from_steps(step_log, block_size: int) -> dict | None:
-    """A cost-model profile (the `fastserve profile` format) from the worker's
-    own step times during the run: pure-prefill steps, medians per token
-    bucket; pure-decode steps as raw (batch, mean context, seconds) points."""
-    from collections import defaultdict
-
-    pre, dec = defaultdict(list), []
-    for prefill_tokens, n_dec, ctx_sum, seconds in step_log:
-        if prefill_tokens and not n_dec:
-            pre[1 << max(prefill_tokens - 1, 0).bit_length()].append((prefill_tokens, seconds))
-        elif n_dec and not prefill_tokens:
-            dec.append({"batch_size": n_dec, "context_len": ctx_sum / n_dec, "seconds": seconds})
-    if not pre or not dec:
+def profile_from_steps(step_log, offline: dict, overhead: float) -> dict | None:
+    """A cost-model profile as the serving loop sees iterations: decode points
+    from the worker's own pure-decode steps in this run, prefill points from
+    the offline profile (pure-prefill steps are rare and small under load, and
+    extrapolating them is noisy), each plus the loop's measured per-iteration
+    control overhead (the simulator's iteration is the whole loop turn)."""
+    dec = [{"batch_size": n_dec, "context_len": ctx_sum / n_dec, "seconds": seconds + overhead}
+           for prefill_tokens, n_dec, ctx_sum, seconds in step_log if n_dec and not prefill_tokens]
+    if not dec:
         return None
-    prefill = [{"tokens": float(np.median([t for t, _ in v])), "seconds": float(np.median([s for _, s in v]))}
-               for _, v in sorted(pre.items())]
-    return {"model": "in-situ", "device": "serving run", "block_size": block_size, "prefill": prefill, "decode": dec}
+    prefill = [{"tokens": p["tokens"], "seconds": p["seconds"] + overhead} for p in offline["prefill"]]
+    return {**offline, "model": "in-situ", "device": "serving run", "prefill": prefill, "decode": dec}
+
+
+def offline_profile(args) -> dict:
+    from fastserve.scheduler.cost_model import _default_profile
+
+    if args.profile:
+        return json.loads(Path(args.profile).read_text())
+    return _default_profile(args.block_size)
 
 
 def simulate(jobs: list, policy: str, args, profile: dict | None = None) -> dict:
@@ -204,7 +207,8 @@ async def spawn_and_run(args, jobs) -> tuple[list[Result], float, dict]:
         loop = stack.scheduler.times.summary()
         loop["preemptions"] = stack.scheduler.core.stats.preemptions
         loop["offloads"] = stack.scheduler.core.stats.offloads
-        loop["in_situ_profile"] = profile_from_steps(list(stack.worker.step_log), args.block_size)
+        overhead = loop["mean_control_overhead_ms"] / 1e3
+        loop["in_situ_profile"] = profile_from_steps(list(stack.worker.step_log), offline_profile(args), overhead)
         return results, wall, loop
     finally:
         await stack.stop()
@@ -274,12 +278,14 @@ def main(argv: list[str] | None = None) -> int:
                                              progress=not args.quiet))
     report["real"] = summarize(results, wall)
     in_situ = report.get("scheduler_loop", {}).pop("in_situ_profile", None)
+    if in_situ is not None:
+        report["in_situ_profile"] = {"decode_points": len(in_situ["decode"])}
     if args.sim:
         keys = ("mean_jct", "p99_jct", "mean_ttft", "mean_norm_latency", "p95_norm_latency", "preemptions",
                 "throughput")
         real_jct = report["real"]["jct_s"].get("mean")
         # The offline profile (or the built-in one), and, with --spawn, the
-        # worker's own step times in this run: the same code, other costs.
+        # iteration costs measured in this run: the same scheduler, other costs.
         for name, prof in (("sim", None), ("sim_in_situ", in_situ)):
             if name == "sim_in_situ" and prof is None:
                 continue
