@@ -3,7 +3,6 @@ commands so `fastserve --help` stays fast)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 
@@ -43,12 +42,7 @@ def register(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="fewer, shorter measurements")
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=_profile)
-
-    # The worker service (SERVICES) may contribute its own subcommand.
-    if importlib.util.find_spec("fastserve.gpu_worker.service") is not None:
-        service = importlib.import_module("fastserve.gpu_worker.service")
-        if hasattr(service, "register_cli"):
-            service.register_cli(subparsers)
+    # `fastserve worker` (the worker service) is registered by fastserve.common.up.
 
 
 def _make_model(args) -> int:

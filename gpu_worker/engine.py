@@ -188,6 +188,8 @@ class Engine:
     def step(self, work: list[SeqWork]) -> list[SeqResult]:
         """One iteration over a mix of prefill and decode jobs; one result per
         sample=True entry, in `work` order."""
+        if not work:
+            return []
         t0 = time.perf_counter()
         ids = [w.job_id for w in work]
         if len(set(ids)) != len(ids):

@@ -59,7 +59,8 @@ def test_greedy_matches_transformers(make_tiny_model, family):
     arch, overrides = FAMILIES[family]
     path = make_tiny_model(arch, **overrides)
     llm = LLM(path, num_gpu_blocks=64)
-    outs = llm.generate(PROMPTS, GREEDY)  # all prompts in one batch
+    one_token = [llm.tokenizer.encode("Hello").ids[0]]  # a 1-token prompt goes down the decode path
+    outs = llm.generate(PROMPTS + [one_token], GREEDY)  # all prompts in one batch
     for out in outs:
         expected = hf_greedy(path, out.prompt_token_ids, GREEDY.max_tokens)
         assert out.token_ids == expected, out.prompt
