@@ -3,6 +3,7 @@ block pools, but not the allocation of blocks: whoever calls step() (the
 scheduler, or the offline LLM) decides which blocks each job uses."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from .sampling import sample
 _CPU_DEFAULT_SEQS = 32
 _CPU_KV_BYTES = 2 * 2**30
 _GPU_MEMORY_FRACTION = 0.85
+# Prompts are padded into one attention call only while the (P, L, L) mask
+# stays small; past it, each prompt attends on its own.
+_MAX_FRESH_MASK = 64 * 2**20
 
 
 class Engine:
@@ -51,7 +55,8 @@ class Engine:
                           num_host_blocks, self.dtype, self.device, host_kv_buffer)
         self.num_host_blocks = self.kv.num_host_blocks
         self.bytes_per_block = self.kv.bytes_per_block
-        self.generator = torch.Generator().manual_seed(torch.seed() & 0xFFFFFFFF)
+        # Unseeded requests draw from this; seeded ones never touch it (sampling.py).
+        self.generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
         self.last_step_seconds = 0.0
 
     def _default_num_blocks(self) -> int:
@@ -120,7 +125,8 @@ class Engine:
                 prefills.append(PrefillSpan(start, n, w.num_computed, table))
         fresh = None
         starts = [p for p in prefills if p.num_computed == 0]
-        if len(starts) > 1:
+        longest = max((p.length for p in starts), default=0)
+        if len(starts) > 1 and len(starts) * longest * longest <= _MAX_FRESH_MASK:
             prefills = [p for p in prefills if p.num_computed > 0]
             fresh = self._fresh_prefills(starts)
         pos_t = torch.tensor(positions, device=dev)
