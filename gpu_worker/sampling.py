@@ -22,6 +22,9 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; 0: chosen token only; k: also the top k
 
     def __post_init__(self) -> None:
+        for name in ("max_tokens", "top_k", "seed", "logprobs"):
+            if isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not (self.temperature >= 0.0) or self.temperature != self.temperature:

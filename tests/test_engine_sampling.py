@@ -72,7 +72,8 @@ def test_logprobs_are_the_models(tiny_model_dir):
 
 
 @pytest.mark.parametrize("kwargs", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5),
-                                    dict(top_k=0), dict(logprobs=-1), dict(seed="x")])
+                                    dict(top_k=0), dict(logprobs=-1), dict(seed="x"),
+                                    dict(max_tokens=True), dict(temperature=float("nan"))])
 def test_bad_sampling_params(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
