@@ -202,3 +202,28 @@ async def test_impossible_jobs_get_a_clear_error(memory_bus, stack_factory, tiny
     assert "out of range" in (await client.wait(bad_ids)).error
     bad_sampling = await client.submit([5, 6], 4, top_p=7.0)
     assert "top_p" in (await client.wait(bad_sampling)).error
+
+
+async def test_a_vanished_gateway_gets_its_jobs_cancelled(rabbit_bus, rabbitmq_url, bus_namespace, stack_factory,
+                                                          tiny_model_dir, tmp_path):
+    """The client's connection (its exclusive reply queue) goes away mid-job:
+    the scheduler's next token publish is unroutable and it cancels the job."""
+    from fastserve.common.bus_rabbit import RabbitBus
+
+    s = await stack_factory(node(tiny_model_dir, tmp_path), rabbit_bus)
+    gw_bus = RabbitBus(rabbitmq_url, namespace=bus_namespace, connection_name="pytest-gone-gateway")
+    await gw_bus.connect()
+    client = await Client(gw_bus).start()
+    job = await client.submit(prompts(1, 20)[0], 400, ignore_eos=True)
+    for _ in range(300):
+        if client.tokens.get(job):
+            break
+        await asyncio.sleep(0.01)
+    assert s.scheduler.jobs.num_unfinished() == 1
+    await gw_bus.close()  # the exclusive reply queue goes with the connection
+    for _ in range(300):
+        if not s.scheduler.jobs.num_unfinished() and s.scheduler.core.gpu_blocks_used() == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert s.scheduler.jobs.num_unfinished() == 0 and s.scheduler.core.gpu_blocks_used() == 0
+    assert s.scheduler.core.stats.cancelled == 1 and s.scheduler.core.stats.finished == 0
