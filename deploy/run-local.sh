@@ -51,6 +51,7 @@ stop_all() {
     echo "run-local: stopping ${#pids[@]} processes" >&2
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait || true
+    exit 0
 }
 trap stop_all INT TERM EXIT
 
