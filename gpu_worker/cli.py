@@ -13,6 +13,15 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--gpu-kv-blocks", type=int, default=None, help="device KV pool size in blocks (default: automatic)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 is steadier on a machine shared with other work)")
+
+
+def _set_threads(args) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
 
 def register(subparsers) -> None:
@@ -57,6 +66,7 @@ def _generate(args) -> int:
     from .llm import LLM
     from .sampling import SamplingParams
 
+    _set_threads(args)
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                 max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
@@ -85,6 +95,7 @@ def _profile(args) -> int:
     from .engine import Engine
     from .profiler import profile_engine
 
+    _set_threads(args)
     engine = Engine(args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
                     num_gpu_blocks=args.gpu_kv_blocks)
     result = profile_engine(engine, quick=args.quick, repeats=args.repeats)
