@@ -419,12 +419,15 @@ class SchedulerService:
                     fut = asyncio.get_running_loop().create_future()
                     self._expect[decision.iteration] = fut
                     inflight[decision.iteration] = (decision, fut, time.perf_counter())
-                    await self._publish(names.worker_queue(self.config.replica), cmd)
+                    # Hidden work: the tokens of the iteration just applied go
+                    # out while this one runs (their confirms overlap the command's).
+                    await asyncio.gather(self._publish(names.worker_queue(self.config.replica), cmd),
+                                         self._flush(pending))
+                    pending = []
                     sent_now = True
                 else:
                     # Nothing ran: settle the decision so the core does not keep it outstanding.
                     self.core.update(IterationResult(decision.iteration, 0.0, []), now)
-            # Hidden work: the tokens of the iteration just applied go out while this one runs.
             pending = await self._flush(pending)
             if time.monotonic() - last_stats >= self.config.stats_interval:
                 last_stats = time.monotonic()
