@@ -14,18 +14,13 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
+import structlog
+
 from fastserve.common import names
 from fastserve.common.bus import Bus
 from fastserve.common.schemas import BatchCommand, BatchResult, Heartbeat, KVCopy, KVCopyDone, decode, encode
 
-try:
-    import structlog
-
-    log = structlog.get_logger("fastserve.worker")
-except ImportError:  # pragma: no cover
-    import logging
-
-    log = logging.getLogger("fastserve.worker")
+log = structlog.get_logger("fastserve.worker")
 
 
 @dataclass

@@ -14,19 +14,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import structlog
+
 from fastserve.common import names
 from fastserve.common.bus import Bus
 from fastserve.common.schemas import Heartbeat, KVCopy, KVCopyDone, KVPlan, decode, encode
 from fastserve.kvstore.host_pool import HostKVPool, PoolSpec, default_pool_path, kv_bytes_per_block
 
-try:
-    import structlog
-
-    log = structlog.get_logger("fastserve.kvstore")
-except ImportError:  # pragma: no cover
-    import logging
-
-    log = logging.getLogger("fastserve.kvstore")
+log = structlog.get_logger("fastserve.kvstore")
 
 
 @dataclass

@@ -4,8 +4,10 @@ One per model replica. Every state change happens synchronously at an
 iteration boundary: bus handlers only append to an inbox, and the loop applies
 the inbox, calls `core.schedule()`, sends one `BatchCommand` to the worker,
 waits for its `BatchResult`, decides which jobs finished and calls
-`core.update()`. The token events of iteration i are published after the
-command of iteration i+1 went out, so they travel while the worker computes.
+`core.update()`. The token events of iteration i are published together with
+the command of iteration i+1, so they travel while the worker computes.
+`pipeline_depth` > 1 keeps several batches in flight (the core leaves jobs of
+outstanding batches out of new ones).
 """
 from __future__ import annotations
 
@@ -15,23 +17,18 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import structlog
+
 from fastserve.common import names
-from fastserve.scheduler.types import IterationResult, JobSpec
 from fastserve.common.bus import Bus, UnroutableError
-from fastserve.gpu_worker.sampling import SamplingParams
 from fastserve.common.schemas import (
-    BatchCommand, BatchResult, Heartbeat, JobCancel, JobSubmit, KVCopyDone, KVPlan,
-    SchedulerStats, SchemaError, TokenEvent, decode, encode,
+    BatchCommand, BatchResult, Heartbeat, JobCancel, JobSubmit, KVCopyDone, KVPlan, SchedulerStats, TokenEvent,
+    decode, encode,
 )
+from fastserve.gpu_worker.sampling import SamplingParams
+from fastserve.scheduler.types import IterationResult, JobSpec
 
-try:
-    import structlog
-
-    log = structlog.get_logger("fastserve.scheduler")
-except ImportError:  # pragma: no cover
-    import logging
-
-    log = logging.getLogger("fastserve.scheduler")
+log = structlog.get_logger("fastserve.scheduler")
 
 
 @dataclass
@@ -629,4 +626,4 @@ def _stat(stats, name: str) -> int:
     return int(getattr(stats, name, 0))
 
 
-__all__ = ["SchedulerService", "SchedulerServiceConfig", "SchemaError"]
+__all__ = ["SchedulerService", "SchedulerServiceConfig", "JobTable", "WorkerInfo", "build_core"]
