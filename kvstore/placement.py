@@ -21,7 +21,13 @@ class Cand:
     blocks: int  # blocks held (resident: GPU, swapped: host) or needed (blocked)
     enst: float  # seconds until it is expected to be scheduled
     in_batch: bool = False  # chosen for this iteration: only offloaded, never dropped
-    admission: bool = False  # blocked job that has no KV yet (a new job)
+    admission: bool = False  # blocked job that has no KV (new, or dropped for recompute)
+    # Priority order (smaller runs first): breaks ENST ties, e.g. when many
+    # jobs are starving and all have ENST 0.
+    rank: tuple = ()
+
+    def later_than(self, other: "Cand") -> bool:
+        return (self.enst, self.rank) > (other.enst, other.rank)
 
 
 @dataclass
@@ -131,7 +137,7 @@ class ProactivePlacement(ReactivePlacement):
         if st.free + st.pending < wm or plan.offload or plan.drop:
             return plan  # not the moment to bring anything back
         uploaded = set(plan.upload)
-        for c in sorted(swapped, key=lambda c: c.enst):
+        for c in sorted(swapped, key=lambda c: (c.enst, c.rank)):
             if c.job_id in uploaded:
                 continue
             if st.free - c.blocks < rs:
@@ -154,8 +160,8 @@ class _State:
 
     def victims(self) -> list[Cand]:
         if self._sorted is None:
-            # Latest ENST first; among equals, jobs not in the batch first.
-            self._sorted = sorted(self.resident, key=lambda c: (-c.enst, c.in_batch))
+            # Latest ENST (then lowest priority) first.
+            self._sorted = sorted(self.resident, key=lambda c: (c.enst, c.rank), reverse=True)
         return [c for c in self._sorted if c.job_id not in self.taken]
 
     def evict(self, c: Cand, plan: PlacementPlan, swap: bool) -> None:
@@ -178,7 +184,7 @@ class _State:
         for v in self.victims():
             if self.free + self.pending >= c.blocks:
                 break
-            if v.enst <= c.enst or v.job_id == c.job_id:
+            if not v.later_than(c) or v.job_id == c.job_id:
                 continue
             if swap and self.host >= v.blocks:
                 self.evict(v, plan, swap)  # a copy: cheap enough to preempt a running job for

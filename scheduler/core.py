@@ -423,22 +423,24 @@ class SchedulerCore:
                     break
                 if not j.in_flight and not j.cancelled:
                     resident.append(Cand(j.id, len(j.gpu_blocks), self._enst(j, self._pos(j), base, now),
-                                         j.id in in_batch))
+                                         j.id in in_batch, rank=(j.level, j.key)))
             swapped: list[Cand] = []
             for j in self._ranked[Loc.HOST].highest_first():
                 if len(swapped) >= limit:
                     break
                 if not j.cancelled:
-                    swapped.append(Cand(j.id, len(j.host_blocks), self._enst(j, self._pos(j), base, now)))
+                    swapped.append(Cand(j.id, len(j.host_blocks), self._enst(j, self._pos(j), base, now),
+                                        rank=(j.level, j.key)))
             cache.append((resident, swapped))
             return cache[0]
 
         return PlacementView(
             num_gpu_blocks=self.config.num_gpu_blocks, free_gpu=w.free, pending_free_gpu=self._pending_free,
             free_host=self.host.num_free, host_used=self.host.num_used,
-            blocked=[Cand(j.id, need, self._enst(j, pos, base, now), admission=not j.started)
+            blocked=[Cand(j.id, need, self._enst(j, pos, base, now), admission=not j.started, rank=(j.level, j.key))
                      for j, need, pos in w.blocked],
-            want_upload=[Cand(j.id, len(j.host_blocks), self._enst(j, pos, base, now)) for j, pos in w.want_upload],
+            want_upload=[Cand(j.id, len(j.host_blocks), self._enst(j, pos, base, now), rank=(j.level, j.key))
+                         for j, pos in w.want_upload],
             candidates=candidates)
 
     def _evict(self, plan: PlacementPlan) -> tuple[list[KVMove], list[str]]:
@@ -461,6 +463,12 @@ class SchedulerCore:
             job.gpu_blocks = []
             job.num_computed = 0
             self._set_loc(job, Loc.NONE)
+            # Back among the jobs without KV, at its old place in the queue: it
+            # is re-admitted like a new job (and never costs anyone's KV).
+            lv = self._levels[job.level]
+            lv.remove(job)
+            job.started = False
+            lv.add(job)
             dropped.append(jid)
         self.stats.offloads += len(offloads)
         self.stats.swaps += len(offloads)

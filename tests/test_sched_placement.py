@@ -73,3 +73,11 @@ def test_bad_parameters():
         make_kv_policy("proactive", watermark=0.2, reserve=0.1)
     with pytest.raises(ValueError, match="unknown kv policy"):
         make_kv_policy("swap-everything")
+
+
+def test_enst_ties_are_broken_by_priority():
+    # Every job starving: all ENSTs are 0. The lower-priority idle job still yields.
+    pol = make_kv_policy("recompute")
+    plan = pol.plan(view(free=0, total=1000, blocked=[Cand("hi", 1, 0.0, rank=(0, (5,)))],
+                         resident=[Cand("lo", 10, 0.0, rank=(3, (9,))), Cand("top", 10, 0.0, rank=(0, (1,)))]))
+    assert plan.drop == ["lo"]

@@ -1,0 +1,71 @@
+"""Print the markdown tables of benchmarks/results/scheduler.md from the JSON
+that benchmarks/sim_experiments.sh wrote (python benchmarks/sim_summary.py)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+OUT = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results" / "sim")
+
+
+def load(name: str) -> dict:
+    return json.loads((OUT / f"{name}.json").read_text())
+
+
+def policy_table(name: str) -> None:
+    sw, at = load(f"{name}_sweep"), load(f"{name}_at_fcfs_slo")
+    f_at, f_sw = at["fcfs"], sw["fcfs"]
+    print(f"\n**{name}** (SLO {f_at['slo']:.3f} s/token; all policies at fcfs's SLO rate "
+          f"{f_at['rate']} req/s)\n")
+    print("| policy | mean norm lat (s/tok) | vs fcfs | P95 norm lat | mean JCT | P50 JCT | P99 JCT | mean TTFT | "
+          "P99 TTFT | throughput (req/s) | preempt | demote | promote | max rate at SLO | vs fcfs | "
+          "throughput at that rate | queue joins |")
+    print("|" + "---|" * 17)
+    for p, m in at.items():
+        s = sw[p]
+        print(f"| {p} | {m['mean_norm_latency']:.4f} | {f_at['mean_norm_latency'] / m['mean_norm_latency']:.2f}x | "
+              f"{m['p95_norm_latency']:.4f} | {m['mean_jct']:.2f} | {m['p50_jct']:.2f} | {m['p99_jct']:.1f} | "
+              f"{m['mean_ttft']:.3f} | {m['p99_ttft']:.2f} | {m['throughput']:.3f} | {m['preemptions']} | "
+              f"{m['demotions']} | {m['promotions']} | {s['max_rate_at_slo']:.3f}"
+              f"{' (search capped)' if s['sweep_saturated'] else ''} | "
+              f"{s['max_rate_at_slo'] / f_sw['max_rate_at_slo']:.2f}x | {s['throughput_at_slo']:.3f} | "
+              f"{m['queue_join_histogram']} |")
+
+
+def kv_table() -> None:
+    print("\n" + (OUT / "kv_setup.txt").read_text().strip() + "\n")
+    un = load("kv_unconstrained")["sj-mlfq"]
+    print(f"Unconstrained (kv none, unlimited blocks): sj-mlfq mean norm latency {un['mean_norm_latency']:.4f}, "
+          f"peak {un['peak_gpu_blocks']} blocks.\n")
+    hosts = sorted({p.stem.rsplit("_host", 1)[1] for p in OUT.glob("kv_*_host*.json")}, key=int)
+    print("| host blocks | kv policy | sj-mlfq mean norm lat | P95 | mean JCT | mean TTFT | throughput | swaps | "
+          "drops | fcfs mean norm lat |")
+    print("|" + "---|" * 10)
+    for h in hosts:
+        for kv in ("proactive", "reactive", "recompute", "none"):
+            d = load(f"kv_{kv}_host{h}")
+            m = d["sj-mlfq"]
+            print(f"| {h} | {kv} | {m['mean_norm_latency']:.4f} | {m['p95_norm_latency']:.4f} | {m['mean_jct']:.2f} | "
+                  f"{m['mean_ttft']:.3f} | {m['throughput']:.3f} | {m['swaps']} | {m['drops']} | "
+                  f"{d['fcfs']['mean_norm_latency']:.4f} |")
+
+
+def bench_table() -> None:
+    b = load("bench_scheduler")
+    print(f"\npolicy {b['policy']}, batch {b['batch']}\n")
+    print("| waiting jobs | p50 (us) | p99 (us) | mean (us) | promotions |")
+    print("|---|---|---|---|---|")
+    for n, r in b["waiting"].items():
+        print(f"| {n} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | {r['mean_us']:.0f} | {r['promotions']} |")
+    print(f"\np99 largest / smallest: {b['p99_ratio_largest_vs_smallest']:.2f}x")
+
+
+if __name__ == "__main__":
+    for name in ("sharegpt_cv2", "sharegpt_cv1", "alpaca_cv2", "longprompt"):
+        if (OUT / f"{name}_at_fcfs_slo.json").exists():
+            policy_table(name)
+    if (OUT / "kv_setup.txt").exists():
+        kv_table()
+    if (OUT / "bench_scheduler.json").exists():
+        bench_table()
