@@ -227,7 +227,8 @@ class SchedulerServiceConfig:
     max_queued_jobs: int = 0  # 0: unlimited; else stop taking jobs from the shared queue
     heartbeat_interval: float = 1.0
     stats_interval: float = 0.5
-    result_timeout: float = 120.0  # a worker silent this long has failed its batch
+    result_timeout: float = 600.0  # no batch result this long: the batch failed
+    worker_timeout: float = 10.0  # no worker heartbeat this long while a batch runs: the worker is gone
     worker_wait: float = 300.0  # how long start() waits for the worker's first heartbeat
     # Batches in flight at once. 1: schedule -> result -> schedule. More keeps
     # the worker's queue full while results travel (the core leaves jobs of
@@ -240,7 +241,7 @@ class SchedulerServiceConfig:
         if not self.instance_id:
             self.instance_id = f"scheduler-{self.replica}-{uuid.uuid4().hex[:6]}"
         for name in ("max_batch_size", "max_tokens_per_batch", "heartbeat_interval", "stats_interval",
-                     "result_timeout", "pipeline_depth"):
+                     "result_timeout", "worker_timeout", "pipeline_depth"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.gpu_kv_blocks is not None and self.gpu_kv_blocks <= 0:
@@ -436,11 +437,7 @@ class SchedulerService:
                 await self._idle()
                 continue
             iteration, (decision, fut, sent) = next(iter(inflight.items()))
-            try:
-                result = await asyncio.wait_for(fut, self.config.result_timeout)
-            except asyncio.TimeoutError:
-                result = BatchResult(replica=self.config.replica, iteration=iteration,
-                                     error=f"no result from the worker within {self.config.result_timeout:.0f}s")
+            result = await self._wait_result(iteration, fut, sent)
             del inflight[iteration]
             self._expect.pop(iteration, None)
             received = time.perf_counter()
@@ -448,6 +445,25 @@ class SchedulerService:
             last_received = received
             pending = self._apply_result(decision, result) + pending
         await self._flush(pending)
+
+    async def _wait_result(self, iteration: int, fut: asyncio.Future, sent: float) -> BatchResult:
+        """The batch's result, or a failed one when the worker stops
+        heartbeating (it died) or the result is overdue."""
+        c = self.config
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), 1.0)
+            except asyncio.TimeoutError:
+                pass
+            silent = time.monotonic() - self.worker.last_seen
+            if silent > c.worker_timeout:
+                error = f"the worker sent no heartbeat for {silent:.0f}s (gone?)"
+            elif time.perf_counter() - sent > c.result_timeout:
+                error = f"no result from the worker within {c.result_timeout:.0f}s"
+            else:
+                continue
+            log.error("batch lost", iteration=iteration, error=error)
+            return BatchResult(replica=c.replica, iteration=iteration, error=error)
 
     async def _idle(self) -> None:
         if self.jobs.has_worker_free():

@@ -227,3 +227,18 @@ async def test_a_vanished_gateway_gets_its_jobs_cancelled(rabbit_bus, rabbitmq_u
         await asyncio.sleep(0.01)
     assert s.scheduler.jobs.num_unfinished() == 0 and s.scheduler.core.gpu_blocks_used() == 0
     assert s.scheduler.core.stats.cancelled == 1 and s.scheduler.core.stats.finished == 0
+
+
+async def test_a_dead_worker_fails_its_jobs_with_an_error(memory_bus, stack_factory, tiny_model_dir, tmp_path):
+    s = await stack_factory(node(tiny_model_dir, tmp_path), memory_bus)
+    s.scheduler.config.worker_timeout = 2.5  # heartbeats come every second
+    client = await Client(memory_bus).start()
+    job = await client.submit(prompts(1, 20)[0], 400, ignore_eos=True)
+    for _ in range(300):
+        if client.tokens.get(job):
+            break
+        await asyncio.sleep(0.01)
+    await s.worker.stop()
+    ev = await client.wait(job, timeout=20)
+    assert ev.finish_reason is None and "heartbeat" in ev.error
+    assert s.scheduler.jobs.num_unfinished() == 0 and s.scheduler.core.gpu_blocks_used() == 0
