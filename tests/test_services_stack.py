@@ -131,11 +131,11 @@ async def test_offload_and_upload_under_a_tiny_gpu_pool_change_no_token(bus, sta
 
 
 @pytest.mark.parametrize("policy", ["sj-mlfq", "fcfs"])
-async def test_short_jobs_after_a_long_one(memory_bus, stack_factory, tiny_model_dir, tmp_path, policy):
+async def test_short_jobs_after_a_long_one(bus, stack_factory, tiny_model_dir, tmp_path, policy):
     """sj-mlfq preempts the long job for shorts sent just after it; fcfs runs it to completion.
     A batch of one job per iteration makes the order the policy's alone."""
-    await stack_factory(node(tiny_model_dir, tmp_path, policy=policy, max_batch_size=1), memory_bus)
-    client = await Client(memory_bus).start()
+    await stack_factory(node(tiny_model_dir, tmp_path, policy=policy, max_batch_size=1), bus)
+    client = await Client(bus).start()
     long_id = await client.submit(prompts(1, 8, seed=3)[0], 120, ignore_eos=True)
     await asyncio.sleep(0.05)  # the long job is running
     shorts = [await client.submit(p, 4, ignore_eos=True) for p in prompts(3, 8, seed=4)]
