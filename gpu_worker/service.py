@@ -188,7 +188,13 @@ class WorkerService:
             async with self._step_done:
                 self._pending_iters.remove(cmd.iteration)
                 self._step_done.notify_all()
-            await self.bus.publish(names.scheduler_queue(cmd.replica), encode(result))
+            await self._reply(names.scheduler_queue(cmd.replica), result)
+
+    async def _reply(self, key: str, msg) -> None:
+        try:
+            await self.bus.publish(key, encode(msg))
+        except Exception:  # the scheduler times the batch out; the worker goes on
+            log.exception("reply not delivered", to=key, message=type(msg).__name__)
 
     async def _run(self, cmd: BatchCommand) -> BatchResult:
         from fastserve.gpu_worker.batch import SeqWork
@@ -267,7 +273,7 @@ class WorkerService:
         log.debug("copy done", job_id=msg.job_id, direction=msg.direction, blocks=len(msg.src_blocks), seconds=seconds)
         done = KVCopyDone(replica=msg.replica, copy_id=msg.copy_id, job_id=msg.job_id, direction=msg.direction,
                           seconds=seconds, error=error)
-        await self.bus.publish(msg.reply_to or names.scheduler_queue(msg.replica), encode(done))
+        await self._reply(msg.reply_to or names.scheduler_queue(msg.replica), done)
 
     # ------------------------------------------------------------------ liveness
     async def _heartbeat(self) -> None:
