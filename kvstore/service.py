@@ -178,7 +178,12 @@ class KVStoreService:
                 continue
             self._inflight[copy.copy_id] = copy
             log.info("kv move", job_id=job_id, direction=direction, blocks=len(copy.src_blocks))
-            await self.bus.publish(names.worker_queue(plan.replica), encode(copy))
+            try:
+                await self.bus.publish(names.worker_queue(plan.replica), encode(copy))
+            except Exception as exc:  # the scheduler must hear of it, or the job waits forever
+                log.exception("copy command not delivered", job_id=job_id)
+                await self._done(KVCopyDone(replica=plan.replica, copy_id=copy.copy_id, job_id=job_id,
+                                            direction=direction, error=f"not delivered to the worker: {exc}"))
 
     async def _done(self, done: KVCopyDone) -> None:
         copy = self._inflight.pop(done.copy_id, None)
