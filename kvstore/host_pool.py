@@ -9,7 +9,6 @@ GPU pool and these pages, never sent through the bus.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -25,14 +24,12 @@ def kv_bytes_per_block(model_dir: str | Path, block_size: int, dtype: str = "flo
     Computed here so the KV store can size the pool without loading the model;
     the worker checks it against `Engine.bytes_per_block` when it attaches.
     """
+    from fastserve.gpu_worker.config import ModelConfig  # the engine's own reading of config.json
+
     if dtype not in _DTYPE_BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPE_BYTES)}")
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    num_layers = cfg["num_hidden_layers"]
-    num_heads = cfg["num_attention_heads"]
-    num_kv_heads = cfg.get("num_key_value_heads") or num_heads
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
-    return 2 * num_layers * num_kv_heads * head_dim * block_size * _DTYPE_BYTES[dtype]
+    cfg = ModelConfig.from_model_dir(model_dir)
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * block_size * _DTYPE_BYTES[dtype]
 
 
 def default_pool_path(replica: str) -> Path:
