@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from tests.test_e2e_openai import fastserve_generate, free_port, wait_healthy
+from test_e2e_openai import fastserve_generate, free_port, wait_healthy
 
 pytestmark = pytest.mark.rabbitmq
 
