@@ -237,13 +237,7 @@ class WorkerService:
 
     def _timed_step(self, work):
         t0 = time.perf_counter()
-        if any(w.sample for w in work):
-            results = self.engine.step(work)
-        else:
-            # Only non-final prefill chunks: Engine.step() indexes an empty
-            # row list as float; all_logits computes the KV all the same.
-            self.engine.forward(work, all_logits=True)
-            results = []
+        results = self.engine.step(work)  # no results when only non-final prefill chunks ran
         return results, time.perf_counter() - t0
 
     # ------------------------------------------------------------------ copies
