@@ -36,6 +36,11 @@ for host in $((4 * B)) 100000; do
       --gpu-kv-blocks "$B" --host-kv-blocks $host --json > "$OUT/kv_${kv}_host${host}.json"
   done
 done
+# 5b. Sensitivity: a 80x slower copy link (copies comparable to iterations), large host.
+for kv in proactive reactive; do
+  fastserve sim --workload sharegpt --cv 2 --rate "$R" --num-jobs $N --policy sj-mlfq --kv-policy $kv \
+    --gpu-kv-blocks "$B" --host-kv-blocks 100000 --copy-bandwidth 2e8 --json > "$OUT/kv_bw2e8_${kv}.json"
+done
 
 # 6. Scheduler cost.
 fastserve bench scheduler --waiting 1000,10000,100000 --batch 32 --json > "$OUT/bench_scheduler.json"
