@@ -317,3 +317,22 @@ def test_bad_input():
         core.copy_done("nobody", "upload", 0)
     with pytest.raises(ValueError, match="its KV is"):
         core.copy_done("a", "upload", 0)
+
+
+def test_cancel_during_a_copy_frees_blocks_when_the_copy_is_done():
+    core = make_core("mlfq", kv="reactive", num_gpu_blocks=4, num_host_blocks=8, max_batch_size=1)
+    gen = {}
+    core.add_job(JobSpec("low", 0, 4, 12, 40), 0)
+    now = 0.0
+    for _ in range(9):
+        _, _, now = step(core, now, {"low": 40}, gen, elapsed=0.05)
+    core.add_job(JobSpec("hi", now, 8, 8, 3), now)
+    d = idle(core, now)
+    assert [m.job_id for m in d.offloads] == ["low"]
+    core.cancel("low")  # the copy is still reading its GPU blocks and writing host blocks
+    assert core.gpu_blocks_used() == 3 and core.host_blocks_used() == 3 and not core.has_job("low")
+    assert idle(core, now).batch == []  # hi still waits: the blocks are not free yet
+    core.copy_done("low", "offload", now)
+    assert core.gpu_blocks_used() == 0 and core.host_blocks_used() == 0
+    d = core.schedule(now)
+    assert [e.job_id for e in d.batch] == ["hi"]
