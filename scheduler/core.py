@@ -19,6 +19,7 @@ from fastserve.kvstore.placement import Cand, KVPlacementPolicy, PlacementPlan, 
 from .block_pool import BlockPool
 from .config import SchedulerCoreConfig
 from .cost_model import CostModel
+from .enst import enst, work_ahead_by_level
 from .job import Job, Loc
 from .levels import Level, PrioritySet
 from .policies import make_policy
@@ -376,32 +377,16 @@ class SchedulerCore:
                           sample=job.num_computed + n == known)
 
     def _enst_base(self) -> list[float]:
-        """Per level k: work (seconds of service) that jobs in levels above k
-        will do before they sink to level k (remaining quantum of their own
-        level plus the quanta of the levels between)."""
-        qf = self._qf
-        cum = [0.0]
-        for q in qf:
-            cum.append(cum[-1] + q)
-        base = []
-        for k in range(len(qf)):
-            a = 0.0
-            for i in range(k):
-                lv = self._levels[i]
-                cnt = len(lv)
-                a += cnt * qf[i] - lv.charge_sum + cnt * (cum[k] - cum[i + 1])
-            base.append(a)
-        return base
+        lv = self._levels
+        return work_ahead_by_level([len(x) for x in lv], [x.charge_sum for x in lv], self._qf)
 
     def _pos(self, job: Job) -> int:
         """Position among the started jobs of its level."""
         return bisect.bisect_left(self._levels[job.level].keys, job.key)
 
     def _enst(self, job: Job, pos: int, base: list[float], now: float) -> float:
-        work = (base[job.level] + pos * self._qf[job.level]) / self.config.max_batch_size
-        if self.policy.starvation:
-            return min(work, max(self.starvation_threshold - (now - job.starve_clock), 0.0))
-        return work
+        starve = self.starvation_threshold - (now - job.starve_clock) if self.policy.starvation else None
+        return enst(base[job.level], pos, self._qf[job.level], self.config.max_batch_size, starve)
 
     def _view(self, w: _Walk, now: float) -> PlacementView:
         base = self._enst_base()

@@ -81,3 +81,39 @@ def test_enst_ties_are_broken_by_priority():
     plan = pol.plan(view(free=0, total=1000, blocked=[Cand("hi", 1, 0.0, rank=(0, (5,)))],
                          resident=[Cand("lo", 10, 0.0, rank=(3, (9,))), Cand("top", 10, 0.0, rank=(0, (1,)))]))
     assert plan.drop == ["lo"]
+
+
+def test_enst_work_ahead_by_level():
+    from fastserve.scheduler.enst import enst, work_ahead_by_level
+
+    # quanta 1, 2, 4 s; two jobs in Q0 (0.5 s used), one in Q1 (0.5 s used).
+    base = work_ahead_by_level([2, 1, 0], [0.5, 0.5, 0.0], [1.0, 2.0, 4.0])
+    # Q1: what the Q0 jobs have left (1.5). Q2: that plus their Q1 quanta (2x2), plus the Q1 job's 1.5.
+    assert base == [0.0, 1.5, 7.0]
+    assert enst(base[2], 3, 4.0, 2, None) == (7.0 + 12.0) / 2
+    assert enst(base[2], 3, 4.0, 2, 1.25) == 1.25  # promoted for starvation sooner
+    assert enst(base[2], 3, 4.0, 2, -3.0) == 0.0
+
+
+def test_core_offloads_the_job_that_will_run_last():
+    from fastserve.scheduler.config import SchedulerCoreConfig
+    from fastserve.scheduler.core import SchedulerCore
+    from fastserve.scheduler.cost_model import CostModel
+    from fastserve.scheduler.types import IterationResult, JobSpec
+
+    cfg = SchedulerCoreConfig(policy="mlfq", max_batch_size=1, num_gpu_blocks=20, num_host_blocks=40,
+                              block_size=4, base_quantum=0.01, starvation_threshold=100.0)
+    core = SchedulerCore(cfg, CostModel.default(block_size=4), make_kv_policy("proactive", watermark=0.3, reserve=0.5))
+    # a, b, c (4 blocks each) run once in that order and sink to Q1, where FCFS keeps that order.
+    for jid in "abc":
+        core.add_job(JobSpec(jid, 0.0, 16, 4), 0.0)
+    for jid in "abc":
+        d = core.schedule(0.0)
+        assert [e.job_id for e in d.batch] == [jid]
+        core.update(IterationResult(d.iteration, 0.015, []), 0.0)
+    assert [core.job_level(j) for j in "abc"] == [1, 1, 1] and core.gpu_blocks_used() == 12
+    # A new job takes 4 more blocks: 4 free < watermark 6 -> offload the idle job that runs last.
+    core.add_job(JobSpec("d", 0.0, 16, 4), 0.0)
+    d = core.schedule(0.0)
+    assert [e.job_id for e in d.batch] == ["d"] and [m.job_id for m in d.offloads] == ["c"]
+    assert d.offloads[0].src_blocks == [8, 9, 10, 11]
