@@ -18,7 +18,8 @@ import structlog
 
 from fastserve.common import names
 from fastserve.common.bus import Bus
-from fastserve.common.schemas import BatchCommand, BatchResult, Heartbeat, KVCopy, KVCopyDone, decode, encode
+from fastserve.common.lifecycle import ServiceTasks, send_heartbeats
+from fastserve.common.schemas import BatchCommand, BatchResult, KVCopy, KVCopyDone, decode, encode
 
 log = structlog.get_logger("fastserve.worker")
 
@@ -65,9 +66,7 @@ class WorkerService:
         self._steps: asyncio.Queue[BatchCommand] = asyncio.Queue()
         self._pending_iters: list[int] = []  # received, not yet finished, in order
         self._step_done = asyncio.Condition()
-        self._copies: set[asyncio.Task] = set()
-        self._tasks: list[asyncio.Task] = []
-        self._subs = []
+        self._tasks = ServiceTasks(log)  # the step loop, the heartbeat and one task per copy
         self._stopping = False
         # (prefill tokens, decode jobs, decode context sum, seconds) per step:
         # the in-situ cost of iterations, for calibrating the simulator.
@@ -81,9 +80,10 @@ class WorkerService:
         q = names.worker_queue(c.replica)
         await self.bus.declare_exchange(names.EVENTS_EXCHANGE)
         await self.bus.declare_queue(q, durable=False)
-        self._subs.append(await self.bus.consume(q, self._on_message, prefetch=64))
-        self._tasks += [asyncio.create_task(self._step_loop(), name="worker-steps"),
-                        asyncio.create_task(self._heartbeat(), name="worker-heartbeat")]
+        self._tasks.add_subscription(await self.bus.consume(q, self._on_message, prefetch=64))
+        self._tasks.spawn(self._step_loop(), "worker-steps")
+        self._tasks.spawn(send_heartbeats(self.bus, "worker", c.instance_id, c.heartbeat_interval, self.info,
+                                          lambda: not self._stopping, log), "worker-heartbeat")
         e = self.engine
         log.info("worker started", replica=c.replica, device=c.device, gpu_blocks=e.num_gpu_blocks,
                  host_blocks=e.num_host_blocks, block_size=e.block_size)
@@ -132,16 +132,7 @@ class WorkerService:
 
     async def stop(self) -> None:
         self._stopping = True
-        for sub in self._subs:
-            await sub.cancel()
-        for t in [*self._tasks, *self._copies]:
-            t.cancel()
-        for t in [*self._tasks, *self._copies]:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):
-                pass
-        self._tasks.clear()
+        await self._tasks.close()
         if self.pool is not None:
             self.pool.close()
 
@@ -166,9 +157,7 @@ class WorkerService:
             self._pending_iters.append(msg.iteration)
             self._steps.put_nowait(msg)
         else:
-            task = asyncio.create_task(self._copy(msg), name=f"copy-{msg.copy_id}")
-            self._copies.add(task)
-            task.add_done_callback(self._copies.discard)
+            self._tasks.spawn(self._copy(msg), f"copy-{msg.copy_id}")
 
     def _forget(self, job_ids: list[str]) -> None:
         for job_id in job_ids:
@@ -268,15 +257,3 @@ class WorkerService:
         done = KVCopyDone(replica=msg.replica, copy_id=msg.copy_id, job_id=msg.job_id, direction=msg.direction,
                           seconds=seconds, error=error)
         await self._reply(msg.reply_to or names.scheduler_queue(msg.replica), done)
-
-    # ------------------------------------------------------------------ liveness
-    async def _heartbeat(self) -> None:
-        c = self.config
-        while not self._stopping:
-            hb = Heartbeat(service="worker", instance_id=c.instance_id, ts=time.time(), info=self.info())
-            try:
-                await self.bus.publish(names.heartbeat_key("worker", c.instance_id), encode(hb),
-                                       exchange=names.EVENTS_EXCHANGE)
-            except Exception as exc:
-                log.warning("heartbeat failed", error=str(exc))
-            await asyncio.sleep(c.heartbeat_interval)

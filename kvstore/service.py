@@ -10,7 +10,6 @@ the scheduler once its record is updated. No block ever travels on the bus.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -18,7 +17,8 @@ import structlog
 
 from fastserve.common import names
 from fastserve.common.bus import Bus
-from fastserve.common.schemas import Heartbeat, KVCopy, KVCopyDone, KVPlan, decode, encode
+from fastserve.common.lifecycle import ServiceTasks, send_heartbeats
+from fastserve.common.schemas import KVCopy, KVCopyDone, KVPlan, decode, encode
 from fastserve.kvstore.host_pool import HostKVPool, PoolSpec, default_pool_path, kv_bytes_per_block
 
 log = structlog.get_logger("fastserve.kvstore")
@@ -111,8 +111,7 @@ class KVStoreService:
         self.table = PlacementTable(config.host_kv_blocks)
         self._inflight: dict[str, KVCopy] = {}
         self._free_after: set[str] = set()
-        self._tasks: list[asyncio.Task] = []
-        self._subs = []
+        self._tasks = ServiceTasks(log)
         self._stopping = False
         self.stats = {"offloads": 0, "uploads": 0, "blocks_moved": 0, "copy_seconds": 0.0}
 
@@ -126,22 +125,15 @@ class KVStoreService:
         await self.bus.declare_queue(q, durable=False)
         await self.bus.declare_queue(names.worker_queue(c.replica), durable=False)
         await self.bus.declare_queue(names.scheduler_queue(c.replica), durable=False)
-        self._subs.append(await self.bus.consume(q, self._on_message, prefetch=64))
-        self._tasks.append(asyncio.create_task(self._heartbeat(), name="kvstore-heartbeat"))
+        self._tasks.add_subscription(await self.bus.consume(q, self._on_message, prefetch=64))
+        self._tasks.spawn(send_heartbeats(self.bus, "kvstore", c.instance_id, c.heartbeat_interval, self.info,
+                                          lambda: not self._stopping, log), "kvstore-heartbeat")
         log.info("kvstore started", replica=c.replica, pool=spec.path, host_blocks=spec.num_blocks,
                  bytes_per_block=bpb, pool_mib=round(spec.nbytes / 2**20, 1))
 
     async def stop(self) -> None:
         self._stopping = True
-        for sub in self._subs:
-            await sub.cancel()
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):
-                pass
+        await self._tasks.close()
         if self.pool is not None:
             self.pool.close()
 
@@ -202,14 +194,3 @@ class KVStoreService:
 
     async def _reply(self, done: KVCopyDone) -> None:
         await self.bus.publish(names.scheduler_queue(done.replica), encode(done))
-
-    async def _heartbeat(self) -> None:
-        c = self.config
-        while not self._stopping:
-            hb = Heartbeat(service="kvstore", instance_id=c.instance_id, ts=time.time(), info=self.info())
-            try:
-                await self.bus.publish(names.heartbeat_key("kvstore", c.instance_id), encode(hb),
-                                       exchange=names.EVENTS_EXCHANGE)
-            except Exception as exc:
-                log.warning("heartbeat failed", error=str(exc))
-            await asyncio.sleep(c.heartbeat_interval)
