@@ -34,8 +34,13 @@ def setup_logging(service: str, level: str | int = "INFO", *, stream: IO[bytes] 
         level_no = level
     out = stream if stream is not None else sys.stderr.buffer
 
-    def add_service(_logger: Any, _name: str, event_dict: dict) -> dict:
+    def add_service(logger: Any, _name: str, event_dict: dict) -> dict:
         event_dict.setdefault("service", service)
+        # In the one-process mode every service shares `service`; the logger
+        # name (fastserve.scheduler, fastserve.worker, ...) tells them apart.
+        name = getattr(logger, "name", None)
+        if name:
+            event_dict.setdefault("logger", name)
         return event_dict
 
     shared = [
@@ -52,7 +57,7 @@ def setup_logging(service: str, level: str | int = "INFO", *, stream: IO[bytes] 
             structlog.processors.JSONRenderer(serializer=_orjson_dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level_no),
-        logger_factory=structlog.BytesLoggerFactory(out),
+        logger_factory=_NamedBytesLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
     # Libraries log through stdlib logging; render those as JSON lines too.
@@ -72,6 +77,22 @@ def setup_logging(service: str, level: str | int = "INFO", *, stream: IO[bytes] 
     root.setLevel(max(level_no, logging.INFO))
     for noisy in ("aio_pika", "aiormq", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(level_no, logging.WARNING))
+
+
+class _NamedBytesLogger(structlog.BytesLogger):
+    """structlog's BytesLogger, remembering the name it was asked for."""
+
+    def __init__(self, file: IO[bytes], name: str | None) -> None:
+        super().__init__(file)
+        self.name = name
+
+
+class _NamedBytesLoggerFactory:
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = out
+
+    def __call__(self, *args: Any) -> _NamedBytesLogger:
+        return _NamedBytesLogger(self._out, args[0] if args and isinstance(args[0], str) else None)
 
 
 class _TextToBytes:

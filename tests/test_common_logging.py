@@ -67,3 +67,15 @@ async def test_bus_handlers_never_leak_ids_between_messages(memory_bus):
     lines = {line["body"]: line for line in _lines(buf) if line["event"] == "handled"}
     assert lines["first"]["job_id"] == "leaky"
     assert "job_id" not in lines["second"]
+
+
+def test_logger_name_tells_services_apart_in_one_process():
+    buf = io.BytesIO()
+    setup_logging("fastserve", "INFO", stream=buf)
+    structlog.get_logger("fastserve.scheduler").info("a")
+    structlog.get_logger("fastserve.worker").info("b")
+    get_logger().info("c")
+    a, b, c = _lines(buf)
+    assert (a["service"], a["logger"]) == ("fastserve", "fastserve.scheduler")
+    assert b["logger"] == "fastserve.worker"
+    assert "logger" not in c
