@@ -56,6 +56,14 @@ class Client:
         return self.final[job_id]
 
 
+async def until(cond, tries: int) -> None:
+    """Poll cond() every 10 ms, at most `tries` times; the assert after the call says what is expected."""
+    for _ in range(tries):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+
+
 def prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
     import random
 
@@ -106,10 +114,7 @@ async def test_greedy_outputs_equal_the_offline_engine(bus, stack_factory, tiny_
         assert ev.num_prompt_tokens == len(ps[i]) and ev.num_generated == 10
         assert client.tokens[job_id] == expected[i]
     # Every decision gets settled (none left outstanding in the core), idle ones too.
-    for _ in range(100):
-        if len(s.scheduler.core._outstanding) <= 1 and not s.scheduler._expect:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: len(s.scheduler.core._outstanding) <= 1 and not s.scheduler._expect, 100)
     assert len(s.scheduler.core._outstanding) <= 1 and not s.scheduler._expect  # <= 1: one being made
 
 
@@ -153,17 +158,11 @@ async def test_cancel_frees_kv_and_bad_messages_go_to_the_dead_letter_queue(bus,
     s = await stack_factory(node(tiny_model_dir, tmp_path), bus)
     client = await Client(bus).start()
     job = await client.submit(prompts(1, 30)[0], 400, ignore_eos=True)
-    for _ in range(200):
-        if client.tokens.get(job):
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: client.tokens.get(job), 200)
     assert s.scheduler.core.gpu_blocks_used() > 0
     await bus.publish(names.CANCEL_KEY, encode(JobCancel(job_id=job, trace_id="t")),
                              exchange=names.CONTROL_EXCHANGE)
-    for _ in range(200):
-        if s.scheduler.core.gpu_blocks_used() == 0 and job not in s.worker.seqs:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: s.scheduler.core.gpu_blocks_used() == 0 and job not in s.worker.seqs, 200)
     assert s.scheduler.core.gpu_blocks_used() == 0 and not s.scheduler.jobs.num_unfinished()
     assert job not in client.final  # a cancelled job gets no more events
     # Garbage on every queue the backend consumes: dead-lettered, services keep running.
@@ -176,10 +175,7 @@ async def test_cancel_frees_kv_and_bad_messages_go_to_the_dead_letter_queue(bus,
                     arrival_time=0.0, model="m")
     raw = encode(bad).replace(b"prompt_token_ids", b"prompt_token_idz")
     await bus.publish(names.JOB_QUEUE, raw)
-    for _ in range(100):
-        if len(dead) == 5:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: len(dead) == 5, 100)
     assert len(dead) == 5
     p = prompts(1, 10, seed=9)[0]
     ok = await client.submit(p, 5, ignore_eos=True)
@@ -215,16 +211,10 @@ async def test_a_vanished_gateway_gets_its_jobs_cancelled(rabbit_bus, rabbitmq_u
     await gw_bus.connect()
     client = await Client(gw_bus).start()
     job = await client.submit(prompts(1, 20)[0], 400, ignore_eos=True)
-    for _ in range(300):
-        if client.tokens.get(job):
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: client.tokens.get(job), 300)
     assert s.scheduler.jobs.num_unfinished() == 1
     await gw_bus.close()  # the exclusive reply queue goes with the connection
-    for _ in range(300):
-        if not s.scheduler.jobs.num_unfinished() and s.scheduler.core.gpu_blocks_used() == 0:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: not s.scheduler.jobs.num_unfinished() and s.scheduler.core.gpu_blocks_used() == 0, 300)
     assert s.scheduler.jobs.num_unfinished() == 0 and s.scheduler.core.gpu_blocks_used() == 0
     assert s.scheduler.core.stats.cancelled == 1 and s.scheduler.core.stats.finished == 0
 
@@ -234,10 +224,7 @@ async def test_a_dead_worker_fails_its_jobs_with_an_error(memory_bus, stack_fact
     s.scheduler.config.worker_timeout = 2.5  # heartbeats come every second
     client = await Client(memory_bus).start()
     job = await client.submit(prompts(1, 20)[0], 400, ignore_eos=True)
-    for _ in range(300):
-        if client.tokens.get(job):
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: client.tokens.get(job), 300)
     await s.worker.stop()
     ev = await client.wait(job, timeout=20)
     assert ev.finish_reason is None and "heartbeat" in ev.error
