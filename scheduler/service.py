@@ -68,14 +68,16 @@ class SchedulerService:
         await bus.declare_queue(names.events_queue(c.instance_id), durable=False, exclusive=True,
                                 auto_delete=True,
                                 bindings=[(names.EVENTS_EXCHANGE, f"{names.HEARTBEAT_KEY_PREFIX}.worker.#")])
-        self._tasks.add_subscription(await bus.consume(names.events_queue(c.instance_id), self._on_event, prefetch=16))
-        self._tasks.add_subscription(await bus.consume(names.scheduler_queue(c.replica), self._on_reply, prefetch=64))
-        self._tasks.add_subscription(await bus.consume(names.control_queue(c.instance_id), self._on_control, prefetch=64))
+        for queue, handler, prefetch in ((names.events_queue(c.instance_id), self._on_event, 16),
+                                         (names.scheduler_queue(c.replica), self._on_reply, 64),
+                                         (names.control_queue(c.instance_id), self._on_control, 64)):
+            self._tasks.add_subscription(await bus.consume(queue, handler, prefetch=prefetch))
         log.info("scheduler waiting for a worker", replica=c.replica)
         try:
             await asyncio.wait_for(self._worker_seen.wait(), c.worker_wait)
         except asyncio.TimeoutError:
-            raise RuntimeError(f"no worker of replica {c.replica!r} sent a heartbeat within {c.worker_wait:.0f}s") from None
+            raise RuntimeError(f"no worker of replica {c.replica!r} sent a heartbeat "
+                               f"within {c.worker_wait:.0f}s") from None
         self.core, num_gpu = build_core(c, self.worker)
         self.jobs = JobTable(self.worker, num_gpu, c.instance_id)
         self.state = ServiceState(self.core, self.jobs, c.instance_id)
