@@ -81,9 +81,12 @@ class WorkerService:
         await self.bus.declare_exchange(names.EVENTS_EXCHANGE)
         await self.bus.declare_queue(q, durable=False)
         self._tasks.add_subscription(await self.bus.consume(q, self._on_message, prefetch=64))
-        self._tasks.spawn(self._step_loop(), "worker-steps")
+        steps = self._tasks.spawn(self._step_loop(), "worker-steps")
+        # A worker whose step loop died must stop looking alive, so the
+        # scheduler fails its jobs at once instead of after result_timeout.
         self._tasks.spawn(send_heartbeats(self.bus, "worker", c.instance_id, c.heartbeat_interval, self.info,
-                                          lambda: not self._stopping, log), "worker-heartbeat")
+                                          lambda: not self._stopping and not steps.done(), log),
+                          "worker-heartbeat")
         e = self.engine
         log.info("worker started", replica=c.replica, device=c.device, gpu_blocks=e.num_gpu_blocks,
                  host_blocks=e.num_host_blocks, block_size=e.block_size)
