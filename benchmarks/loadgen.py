@@ -120,7 +120,7 @@ def summarize(results: list[Result], wall: float) -> dict:
 
 
 async def run_load(url: str, jobs: list, *, api_key: str | None = None, seed: int = 0, progress: bool = True,
-                   concurrency_limit: int = 10000) -> tuple[list[Result], float]:
+                   concurrency_limit: int = 10000, on_start=None) -> tuple[list[Result], float]:
     import aiohttp
     from tqdm import tqdm
 
@@ -136,6 +136,8 @@ async def run_load(url: str, jobs: list, *, api_key: str | None = None, seed: in
         bar = tqdm(total=len(jobs), desc="jobs", unit="job", disable=not progress, file=sys.stderr)
         rng = random.Random(seed)
         t0 = time.perf_counter()
+        if on_start is not None:
+            on_start(t0)  # the time arrivals count from
 
         async def one(i, job):
             r = await send_one(http, url, model, headers, job, i, t0, vocab, random.Random(rng.random()), max_len)
@@ -147,18 +149,57 @@ async def run_load(url: str, jobs: list, *, api_key: str | None = None, seed: in
         return list(results), time.perf_counter() - t0
 
 
-def profile_from_steps(step_log, offline: dict, overhead: float) -> dict | None:
-    """A cost-model profile as the serving loop sees iterations: decode points
-    from the worker's own pure-decode steps in this run, prefill points from
-    the offline profile (pure-prefill steps are rare and small under load, and
-    extrapolating them is noisy), each plus the loop's measured per-iteration
-    control overhead (the simulator's iteration is the whole loop turn)."""
-    dec = [{"batch_size": n_dec, "context_len": ctx_sum / n_dec, "seconds": seconds + overhead}
-           for prefill_tokens, n_dec, ctx_sum, seconds in step_log if n_dec and not prefill_tokens]
-    if not dec:
+def profile_from_steps(step_log, offline: dict, prefill: str = "in-situ", min_prefill_steps: int = 5) -> dict | None:
+    """A cost-model profile of the engine's steps as this serving run saw them
+    (the worker's own step times; the loop's control overhead is not in it:
+    the simulator adds that apart, uncharged). Decode: fitted to the
+    pure-decode steps. Prefill: fitted to the steps that held a prefill
+    (mostly mixed with decodes under load) as a fixed cost plus a cost per
+    prompt token over what the decode fit says the rest of the step cost;
+    `prefill="offline"`, or fewer than `min_prefill_steps` such steps, keeps
+    the offline profile's prefill points instead.
+
+    Why in situ: the serving stack's steps are slower than the profiler's
+    isolated ones (the event loop's thread shares the CPU and the GIL with the
+    engine's), and prefill more so: offline prefill points beside in-situ
+    decode ones under-charged every mixed step (1.8x on the CPU; see
+    benchmarks/results/services.md)."""
+    step_log = [tuple(s) for s in step_log]
+    if not any(n and not p for p, n, _, _ in step_log):
         return None
-    prefill = [{"tokens": p["tokens"], "seconds": p["seconds"] + overhead} for p in offline["prefill"]]
-    return {**offline, "model": "in-situ", "device": "serving run", "prefill": prefill, "decode": dec}
+    return _fit_steps(step_log, offline, prefill, min_prefill_steps)
+
+
+def _fit_steps(step_log, offline: dict, prefill: str, min_prefill_steps: int) -> dict:
+    from fastserve.scheduler.cost_model import CostModel
+
+    dec = [{"batch_size": n_dec, "context_len": ctx_sum / n_dec, "seconds": seconds}
+           for prefill_tokens, n_dec, ctx_sum, seconds in step_log if n_dec and not prefill_tokens]
+    out = {**offline, "model": "in-situ", "device": "serving run", "decode": dec, "prefill_source": "offline"}
+    pre = [s for s in step_log if s[0]]
+    if prefill != "in-situ" or len(pre) < min_prefill_steps:
+        return out
+    model = CostModel.from_dict(out, source="in-situ")
+    a = model.overhead
+    tokens = np.array([float(s[0]) for s in pre])
+    rest = np.array([model.decode_time(n, c / n) if n else a for _, n, c, _ in pre])
+    y = np.array([s[3] for s in pre]) - rest  # what the prefill added to its step
+    (fixed, per_token), *_ = np.linalg.lstsq(np.stack([np.ones_like(tokens), tokens], 1), y, rcond=None)
+    if fixed < 0:  # time never shrinks with more work: through the origin instead
+        fixed, per_token = 0.0, float(tokens @ y / (tokens @ tokens))
+    if per_token <= 0:
+        return out
+    grid = sorted({1, *(int(q["tokens"]) for q in offline["prefill"]), int(tokens.max())})
+    out["prefill"] = [{"tokens": t, "seconds": a + fixed + per_token * t} for t in grid]
+    out["prefill_source"] = f"in-situ fit of {len(pre)} steps: {fixed * 1e3:.2f} ms + {per_token * 1e3:.3f} ms/token"
+    return out
+
+
+def fold_overhead(profile: dict, overhead: float) -> dict:
+    """The profile as the first calibration had it (kept to compare): the
+    loop's control overhead added to every point, so the scheduler is charged it too."""
+    return {**profile, "prefill": [{**q, "seconds": q["seconds"] + overhead} for q in profile["prefill"]],
+            "decode": [{**q, "seconds": q["seconds"] + overhead} for q in profile["decode"]]}
 
 
 def offline_profile(args) -> dict:
@@ -169,18 +210,103 @@ def offline_profile(args) -> dict:
     return _default_profile(args.block_size)
 
 
-def simulate(jobs: list, policy: str, args, profile: dict | None = None) -> dict:
+def simulate(jobs: list, policy: str, args, profile: dict | None = None, control_overhead: float = 0.0,
+             scheduler_model: str = "scheduler", slowdown: list | None = None):
+    """The simulator on the same trace and settings. `profile`: what the
+    iterations cost (None: the scheduler's own profile, --profile or the
+    built-in one); `control_overhead`: seconds the loop adds per iteration,
+    uncharged. `scheduler_model`: "scheduler" builds the core from the
+    scheduler's own profile, as the service does (its quanta, skip-join levels
+    and starvation threshold); "timing" from `profile` (the first calibration's way).
+    `slowdown`: SimConfig.slowdown (replaying a run's drift; diagnostics)."""
     from fastserve.scheduler.cost_model import CostModel
     from fastserve.scheduler.sim import SimConfig, simulate as sim
 
-    if profile is not None:
-        cost = CostModel.from_dict(profile, source="in-situ")
-    else:
-        cost = CostModel.from_profile(args.profile) if args.profile else CostModel.default(args.block_size)
+    own = CostModel.from_profile(args.profile) if args.profile else CostModel.default(args.block_size)
+    cost = CostModel.from_dict(profile, source="in-situ") if profile is not None else own
     cfg = SimConfig(policy=policy, kv_policy=args.kv_policy, gpu_kv_blocks=args.gpu_kv_blocks,
-                    host_kv_blocks=args.host_kv_blocks,
+                    host_kv_blocks=args.host_kv_blocks, control_overhead=control_overhead, slowdown=slowdown,
                     core={"max_batch_size": args.max_batch_size, "max_tokens_per_batch": args.max_tokens_per_batch})
-    return sim(jobs, cfg, cost).metrics
+    return sim(jobs, cfg, cost, policy_cost=own if scheduler_model == "scheduler" else cost)
+
+
+class CoreTracer:
+    """Records what the real scheduler core was told, per iteration and per
+    job, by wrapping the methods of the running core (the service is not
+    touched): when each job was added and at which level, which jobs each
+    batch held, and the time each update charged. Compared job by job with
+    the simulator's trace (`--trace-out`)."""
+
+    def __init__(self, core):
+        self.core = core
+        self.t0 = time.perf_counter()
+        self.added: list[dict] = []  # in add order
+        self.iterations: list[dict] = []
+        self._sched: dict[int, dict] = {}
+        add, schedule, update = core.add_job, core.schedule, core.update
+
+        def add_job(spec, now):
+            add(spec, now)
+            self.added.append({"job_id": spec.job_id, "t": time.perf_counter() - self.t0, "input_len": spec.input_len,
+                               "max_tokens": spec.max_tokens, "level": core.job_level(spec.job_id)})
+
+        def schedule_(now):
+            d = schedule(now)
+            if d.batch:
+                self._sched[d.iteration] = {
+                    "iteration": d.iteration, "t_sched": time.perf_counter() - self.t0,
+                    "batch": [[e.job_id, int(e.is_prefill), e.num_new_tokens, e.num_computed, int(e.sample)]
+                              for e in d.batch]}
+            return d
+
+        def update_(result, now):
+            update(result, now)
+            rec = self._sched.pop(result.iteration, None)
+            if rec is not None:
+                rec.update(t_done=time.perf_counter() - self.t0, charged=result.elapsed,
+                           predicted=core.cost_model.iteration_time(
+                               [_Entry(b[1], b[2], b[3]) for b in rec["batch"]]))
+                self.iterations.append(rec)
+
+        core.add_job, core.schedule, core.update = add_job, schedule_, update_
+
+    def set_t0(self, t0: float) -> None:
+        """Times so far were from construction; from now on from the load's start."""
+        shift = t0 - self.t0
+        self.t0 = t0
+        for a in self.added:
+            a["t"] -= shift
+
+    def per_job(self, results: list[Result]) -> list[dict]:
+        """One row per trace job (by index): when the scheduler got it, its
+        join level, the iterations it ran in (prefill ones apart)."""
+        runs: dict[str, list[int]] = {}
+        for it in self.iterations:
+            for jid, is_prefill, *_ in it["batch"]:
+                r = runs.setdefault(jid, [0, 0])
+                r[0] += 1
+                r[1] += is_prefill
+        # Jobs are added in send order; match each to the first unmatched
+        # trace job of the same lengths (near-simultaneous sends may swap).
+        free = {}
+        for r in results:
+            free.setdefault((r.input_len, r.output_len), []).append(r.index)
+        rows = {}
+        for a in self.added:
+            idx = free.get((a["input_len"], a["max_tokens"]), [])
+            if idx:
+                i = idx.pop(0)
+                n = runs.get(a["job_id"], [0, 0])
+                rows[i] = {"t_added": a["t"], "join_level": a["level"], "iterations": n[0],
+                           "prefill_iterations": n[1]}
+        return [rows.get(r.index, {}) for r in results]
+
+
+@dataclass
+class _Entry:
+    is_prefill: bool
+    num_new_tokens: int
+    num_computed: int
 
 
 async def spawn_and_run(args, jobs) -> tuple[list[Result], float, dict]:
@@ -203,18 +329,34 @@ async def spawn_and_run(args, jobs) -> tuple[list[Result], float, dict]:
     stack = await Stack(cfg, bus).start()
     try:
         await _wait_health(stack.base_url)
-        results, wall = await run_load(stack.base_url, jobs, seed=args.seed, progress=not args.quiet)
+        tracer = CoreTracer(stack.scheduler.core) if args.trace_out else None
+        results, wall = await run_load(stack.base_url, jobs, seed=args.seed, progress=not args.quiet,
+                                       on_start=tracer.set_t0 if tracer else None)
         loop = stack.scheduler.times.summary()
         loop["preemptions"] = stack.scheduler.core.stats.preemptions
         loop["offloads"] = stack.scheduler.core.stats.offloads
-        overhead = loop["mean_control_overhead_ms"] / 1e3
-        loop["in_situ_profile"] = profile_from_steps(list(stack.worker.step_log), offline_profile(args), overhead)
+        loop["step_log"] = list(stack.worker.step_log)
+        if tracer is not None:
+            loop["trace"] = {"jobs": tracer.per_job(results), "iterations": tracer.iterations,
+                             "results": [asdict(r) for r in results]}
         return results, wall, loop
     finally:
         await stack.stop()
         if hasattr(bus, "delete_declared"):
             await bus.delete_declared()
         await bus.close()
+
+
+def sim_trace(res) -> dict:
+    """The simulator's per-job rows, by trace index (the simulator names job i `j<i>`)."""
+    by_id = {r.job_id: r for r in res.records}
+    rows = []
+    for i in range(len(res.records)):
+        r = by_id[f"j{i}"]
+        n = res.job_iterations.get(r.job_id, [0, 0])
+        rows.append({"arrival": r.arrival, "ttft": r.ttft, "jct": r.jct, "join_level": r.join_queue,
+                     "iterations": n[0], "prefill_iterations": n[1]})
+    return {"jobs": rows, "iterations": res.iterations}
 
 
 async def _wait_health(url: str) -> None:
@@ -246,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sim", action="store_true", help="also simulate the same trace and policy")
     p.add_argument("--out", help="write the JSON report here too")
+    p.add_argument("--trace-out", help="with --spawn: write per-job and per-iteration traces of the real run "
+                                       "(and with --sim, of each simulation) to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     # --spawn / --sim settings (the same names as `fastserve up`)
     p.add_argument("--model")
@@ -277,24 +421,34 @@ def main(argv: list[str] | None = None) -> int:
         results, wall = asyncio.run(run_load(args.url, jobs, api_key=args.api_key, seed=args.seed,
                                              progress=not args.quiet))
     report["real"] = summarize(results, wall)
-    in_situ = report.get("scheduler_loop", {}).pop("in_situ_profile", None)
+    loop = report.get("scheduler_loop", {})
+    step_log = loop.pop("step_log", None)
+    traces = {"real": loop.pop("trace", None), "step_log": step_log}
+    in_situ = profile_from_steps(step_log, offline_profile(args)) if step_log else None
+    overhead = loop.get("mean_control_overhead_ms", 0.0) / 1e3
     if in_situ is not None:
-        report["in_situ_profile"] = {"decode_points": len(in_situ["decode"])}
+        report["in_situ_profile"] = {"decode_points": len(in_situ["decode"]),
+                                     "prefill": in_situ["prefill_source"], "control_overhead_s": overhead}
     if args.sim:
         keys = ("mean_jct", "p99_jct", "mean_ttft", "mean_norm_latency", "p95_norm_latency", "preemptions",
                 "throughput")
         real_jct = report["real"]["jct_s"].get("mean")
         # The offline profile (or the built-in one), and, with --spawn, the
-        # iteration costs measured in this run: the same scheduler, other costs.
+        # step costs measured in this run plus the loop's control overhead,
+        # with the scheduler deciding by its own profile as the service does.
         for name, prof in (("sim", None), ("sim_in_situ", in_situ)):
             if name == "sim_in_situ" and prof is None:
                 continue
-            sim = simulate(jobs, args.policy, args, prof)
+            res = simulate(jobs, args.policy, args, prof, overhead if prof is not None else 0.0)
+            sim = res.metrics
             report[name] = {k: sim[k] for k in keys}
+            traces[name] = sim_trace(res)
             if real_jct:
                 report[name]["mean_jct_error_vs_real"] = (sim["mean_jct"] - real_jct) / real_jct
     text = json.dumps(report, indent=1)
     print(text)
+    if args.trace_out:
+        Path(args.trace_out).write_text(json.dumps({"args": vars(args), "report": report, "traces": traces}) + "\n")
     if args.out:
         Path(args.out).write_text(text + "\n")
     return 0 if report["real"]["errors"] == 0 else 1

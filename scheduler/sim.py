@@ -1,8 +1,19 @@
 """Discrete-event simulator: drives the very same SchedulerCore as the
 scheduler service, with iteration times from the cost model and KV copies that
-take bytes / bandwidth on their own link (one per direction), overlapping compute."""
+take bytes / bandwidth on their own link (one per direction), overlapping compute.
+
+Two things are kept apart the way the serving loop keeps them apart:
+- what the scheduler *believes* (its cost model: quanta, skip-join levels, SLO,
+  starvation threshold; the service builds it from `--profile`) and what the
+  iterations *cost* (the clock). `simulate(..., policy_cost=)` gives the first,
+  `cost` the second; by default they are the same model.
+- the engine's step and the loop's control overhead (bus, scheduler work)
+  around it: the clock advances by both, but jobs are charged only the step,
+  as the service charges the worker's measured `step_seconds`.
+"""
 from __future__ import annotations
 
+import bisect
 import heapq
 from dataclasses import dataclass, field
 
@@ -27,6 +38,14 @@ class SimConfig:
     copy_bandwidth: float = 16e9  # bytes/s per direction (PCIe 4 x16-ish)
     watermark: float = 0.05
     reserve: float = 0.10
+    # Seconds per iteration that the serving loop adds to the engine's step
+    # (scheduling, the bus): the clock pays it, the jobs' MLFQ charge does not.
+    control_overhead: float = 0.0
+    # Diagnostics: the machine's speed over time, as (start time, factor)
+    # steps sorted by start; a step's cost is multiplied by the factor in
+    # force when it starts. Replays a measured run's drift (a shared machine
+    # slowing down) to tell it apart from modelling errors. None: constant.
+    slowdown: list[tuple[float, float]] | None = None
     core: dict = field(default_factory=dict)  # extra SchedulerCoreConfig fields
 
 
@@ -37,9 +56,12 @@ class SimResult:
     peak_gpu_blocks: int
     iterations: int
     slo: float
+    # job id -> [iterations it ran in, of which prefill]: compared with the real stack's.
+    job_iterations: dict[str, list[int]] = field(default_factory=dict)
 
 
 def build_core(cfg: SimConfig, cost: CostModel) -> SchedulerCore:
+    """`cost`: the model the scheduler decides with (not necessarily the one timing the iterations)."""
     gpu = cfg.gpu_kv_blocks or UNLIMITED_BLOCKS
     host = cfg.host_kv_blocks if cfg.host_kv_blocks is not None else 4 * gpu
     core_cfg = SchedulerCoreConfig(policy=cfg.policy, block_size=cost.block_size, num_gpu_blocks=gpu,
@@ -47,8 +69,17 @@ def build_core(cfg: SimConfig, cost: CostModel) -> SchedulerCore:
     return SchedulerCore(core_cfg, cost, make_kv_policy(cfg.kv_policy, watermark=cfg.watermark, reserve=cfg.reserve))
 
 
-def simulate(jobs: list[TraceJob], cfg: SimConfig, cost: CostModel) -> SimResult:
-    core = build_core(cfg, cost)
+def simulate(jobs: list[TraceJob], cfg: SimConfig, cost: CostModel,
+             policy_cost: CostModel | None = None) -> SimResult:
+    """`cost` times the iterations and copies; `policy_cost` (default: `cost`)
+    is the scheduler's own model, as the service builds it from its profile."""
+    if cfg.control_overhead < 0:
+        raise ValueError(f"control_overhead must be >= 0, got {cfg.control_overhead}")
+    core = build_core(cfg, policy_cost or cost)
+    slow_at = [a for a, _ in cfg.slowdown or []]
+    slow_f = [f for _, f in cfg.slowdown or []]
+    if slow_at != sorted(slow_at) or any(f <= 0 for f in slow_f):
+        raise ValueError("slowdown must be (start, factor > 0) steps sorted by start")
     pending = sorted(jobs, key=lambda j: j.arrival_time)
     out_len: dict[str, int] = {}
     generated: dict[str, int] = {}
@@ -59,6 +90,7 @@ def simulate(jobs: list[TraceJob], cfg: SimConfig, cost: CostModel) -> SimResult
     copies: list[tuple[float, str, str]] = []  # (done_at, job_id, direction)
     moving: set[str] = set()
     link_free = {"offload": 0.0, "upload": 0.0}
+    job_iterations: dict[str, list[int]] = {}
     t = 0.0
     nxt = 0
     peak = 0
@@ -95,9 +127,14 @@ def simulate(jobs: list[TraceJob], cfg: SimConfig, cost: CostModel) -> SimResult
         for e in d.batch:
             assert e.job_id not in seen and e.job_id not in moving, f"{e.job_id} scheduled twice or while moving"
             seen.add(e.job_id)
+            ran = job_iterations.setdefault(e.job_id, [0, 0])
+            ran[0] += 1
+            ran[1] += int(e.is_prefill)
             assert len(e.block_table) * core.config.block_size >= e.num_computed + e.num_new_tokens
-        elapsed = cost.iteration_time(d.batch)
-        t += elapsed
+        elapsed = cost.iteration_time(d.batch)  # the step: what the jobs are charged
+        if slow_at:
+            elapsed *= slow_f[max(bisect.bisect_right(slow_at, t) - 1, 0)]
+        t += elapsed + cfg.control_overhead
         finished = []
         for e in d.batch:
             if not e.sample:
@@ -116,4 +153,4 @@ def simulate(jobs: list[TraceJob], cfg: SimConfig, cost: CostModel) -> SimResult
     metrics = summarize(records, core.stats.as_dict(), len(core.join_histogram))
     metrics["peak_gpu_blocks"] = peak
     metrics["slo"] = core.slo
-    return SimResult(metrics, records, peak, core.iteration, core.slo)
+    return SimResult(metrics, records, peak, core.iteration, core.slo, job_iterations)
