@@ -17,7 +17,11 @@ throughput. `--spawn` starts the whole stack in this process (`fastserve up`
 on the in-memory bus) with the given --policy; `--sim` also runs the
 discrete-event simulator on the same trace with the cost model of --profile
 (default: the scheduler's built-in CPU profile) and prints its prediction
-beside the measurement.
+beside the measurement; with --spawn also `sim_in_situ`: the step costs this
+run measured (profile_from_steps), the loop's control overhead apart, and the
+scheduler deciding by its own profile as the service does. `--trace-out`
+keeps per-job and per-iteration traces of the real core and the simulator
+for benchmarks/sim_calibration.py.
 """
 from __future__ import annotations
 
