@@ -117,3 +117,66 @@ def test_core_offloads_the_job_that_will_run_last():
     d = core.schedule(0.0)
     assert [e.job_id for e in d.batch] == ["d"] and [m.job_id for m in d.offloads] == ["c"]
     assert d.offloads[0].src_blocks == [8, 9, 10, 11]
+
+
+# Exchange under sustained pressure (free memory never reaches the reserve): total 100
+# blocks -> watermark 5, reserve 10. "a" and "b" run now; "z" is idle and runs last;
+# the swapped "s" will run long before "z".
+def exchange_view(free=5, pending=0, uploading=0, resident=None, swapped=None, blocked=()):
+    resident = resident if resident is not None else [
+        Cand("a", 10, 0.1, in_batch=True), Cand("b", 10, 0.2, in_batch=True), Cand("z", 20, 9.0)]
+    swapped = swapped if swapped is not None else [Cand("s", 15, 0.5), Cand("t", 15, 4.0)]
+    v = view(free=free, pending=pending, host_used=40, resident=resident, swapped=swapped, blocked=blocked)
+    v.uploading_gpu = uploading
+    return v
+
+
+def test_exchange_offloads_the_latest_idle_job_then_uploads_the_earliest_swapped_one():
+    pol = make_kv_policy("proactive")
+    plan = pol.plan(exchange_view())
+    assert plan.offload == ["z"] and plan.upload == [] and plan.drop == []
+    # z's copy is in flight: its blocks are not free yet, nothing more is started.
+    plan = pol.plan(exchange_view(pending=20, resident=[Cand("a", 10, 0.1, True), Cand("b", 10, 0.2, True)],
+                                  swapped=[Cand("s", 15, 0.5), Cand("t", 15, 4.0)]))
+    assert plan.offload == [] and plan.upload == []
+    # The offload finished: s comes back before the scheduler asks for it.
+    plan = pol.plan(exchange_view(free=25, resident=[Cand("a", 10, 0.1, True), Cand("b", 10, 0.2, True)],
+                                  swapped=[Cand("s", 15, 0.5), Cand("t", 15, 4.0), Cand("z", 20, 9.0)]))
+    assert plan.upload == ["s"] and plan.offload == []
+
+
+def test_exchange_does_not_ping_pong():
+    pol = make_kv_policy("proactive")
+    assert pol.plan(exchange_view()).offload == ["z"]
+    assert pol.plan(exchange_view(free=25, resident=[Cand("a", 10, 0.1, True), Cand("b", 10, 0.2, True)],
+                                  swapped=[Cand("s", 15, 0.5), Cand("z", 20, 9.0)])).upload == ["s"]
+    # The estimates flip at once: z now looks early, s late. Both were just moved: they stay put.
+    flipped = exchange_view(resident=[Cand("a", 10, 0.1, True), Cand("s", 15, 9.0)], swapped=[Cand("z", 20, 0.5)])
+    for _ in range(3):
+        plan = pol.plan(flipped)
+        assert plan.offload == [] and plan.upload == []
+
+
+@pytest.mark.parametrize("case", ["victim_in_batch", "too_close", "copies_in_flight", "host_full"])
+def test_no_exchange(case):
+    pol = make_kv_policy("proactive")
+    kw = {}
+    if case == "victim_in_batch":
+        kw["resident"] = [Cand("a", 10, 0.1, in_batch=True), Cand("z", 20, 9.0, in_batch=True)]
+    elif case == "too_close":  # within the margin: not worth two copies
+        kw["resident"] = [Cand("a", 10, 0.1, in_batch=True), Cand("z", 20, 0.6)]
+    elif case == "copies_in_flight":  # the copy budget (25 blocks) is taken by uploads still running
+        kw["uploading"] = 20
+    v = exchange_view(**kw)
+    if case == "host_full":
+        v.free_host = 10
+    plan = pol.plan(v)
+    assert plan.offload == [] and plan.upload == [] and plan.drop == []
+
+
+def test_exchange_can_be_turned_off():
+    from fastserve.kvstore.placement import ProactivePlacement
+
+    assert ProactivePlacement(exchange=False).plan(exchange_view()).offload == []
+    with pytest.raises(ValueError, match="exchange"):
+        ProactivePlacement(exchange_budget=0.0)
