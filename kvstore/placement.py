@@ -43,7 +43,6 @@ class PlacementView:
     want_upload: list[Cand]
     # Lazily computed (costs O(jobs with KV)): (resident, swapped) movable jobs with ENST.
     candidates: Callable[[], tuple[list[Cand], list[Cand]]]
-    uploading_gpu: int = 0  # GPU blocks that uploads in flight hold
 
 
 @dataclass
@@ -108,47 +107,23 @@ class ProactivePlacement(ReactivePlacement):
     """FastServe's policy: besides reacting to demand, keep `watermark` of the
     GPU blocks free by offloading the latest-ENST idle jobs ahead of need, and
     upload the earliest-ENST swapped jobs ahead of time while more than
-    `reserve` stays free (reserve >= watermark leaves a band, so no ping-pong).
+    `reserve` stays free (reserve >= watermark leaves a band, so no ping-pong)."""
 
-    Under sustained pressure free memory never exceeds the reserve, so the
-    prefetch alone never fires; the exchange then keeps the jobs that run next
-    on the GPU: when a swapped job's ENST is clearly earlier than that of the
-    idle resident job with the latest ENST, offload the latter and upload the
-    former (once its blocks are free) before the scheduler asks for it, so the
-    copy overlaps compute. Bounded: the `exchange_width` earliest swapped jobs,
-    copies in flight capped at `exchange_budget` of the GPU blocks (a slow link
-    keeps them in flight longer, so exchanges wait instead of queueing), and a
-    job moved by an exchange is left alone for `cooldown` plans (no ping-pong)."""
-
-    def __init__(self, watermark: float = 0.05, reserve: float = 0.10, *, exchange: bool = True,
-                 exchange_width: int = 4, exchange_budget: float = 0.25, margin: float = 0.5,
-                 cooldown: int = 8) -> None:
+    def __init__(self, watermark: float = 0.05, reserve: float = 0.10) -> None:
         super().__init__(swap=True)
         if not (0 <= watermark <= reserve < 1):
             raise ValueError(f"need 0 <= watermark <= reserve < 1, got watermark={watermark}, reserve={reserve}")
-        if exchange_width < 1 or not (0 < exchange_budget <= 1) or margin < 0 or cooldown < 0:
-            raise ValueError(f"bad exchange parameters: width={exchange_width}, budget={exchange_budget}, "
-                             f"margin={margin}, cooldown={cooldown}")
         self.name = "proactive"
         self.watermark = watermark
         self.reserve = reserve
-        self.exchange = exchange
-        self.exchange_width = exchange_width
-        self.exchange_budget = exchange_budget
-        self.margin = margin
-        self.cooldown = cooldown
-        self._plans = 0
-        self._moved: dict[str, int] = {}  # job id -> plan number of its last exchange move (oldest first)
-        self._targets: dict[str, int] = {}  # swapped job -> plan that offloaded jobs to make room for it
 
     def plan(self, view: PlacementView) -> PlacementPlan:
-        self._plans += 1
         plan = PlacementPlan()
         wm = math.ceil(self.watermark * view.num_gpu_blocks)
         rs = math.ceil(self.reserve * view.num_gpu_blocks)
         low = view.free_gpu + view.pending_free_gpu < wm
-        if not (view.blocked or view.want_upload or low or view.host_used):
-            return plan  # nothing wanted, nothing to offload, nothing swapped out
+        if not (view.blocked or view.want_upload or low or (view.host_used and view.free_gpu >= rs)):
+            return plan  # nothing wanted, nothing to offload, nothing (or no room) to upload
         resident, swapped = view.candidates()
         st = _State(view, resident)
         self._react(view, st, plan)
@@ -159,87 +134,17 @@ class ProactivePlacement(ReactivePlacement):
             if c.in_batch or st.host < c.blocks:
                 continue
             st.evict(c, plan, swap=True)
-        if st.free + st.pending < wm or plan.drop:
+        if st.free + st.pending < wm or plan.offload or plan.drop:
             return plan  # not the moment to bring anything back
         uploaded = set(plan.upload)
-        early = sorted((c for c in swapped if c.job_id not in uploaded), key=lambda c: (c.enst, c.rank))
-        if not plan.offload and st.free >= rs:
-            for c in early:
-                if st.free - c.blocks < rs:
-                    break
-                st.free -= c.blocks
-                plan.upload.append(c.job_id)
-        elif self.exchange:
-            self._exchange(view, st, early, plan, wm)
-        self._forget_old()
+        for c in sorted(swapped, key=lambda c: (c.enst, c.rank)):
+            if c.job_id in uploaded:
+                continue
+            if st.free - c.blocks < rs:
+                break
+            st.free -= c.blocks
+            plan.upload.append(c.job_id)
         return plan
-
-    def _exchange(self, view: PlacementView, st: "_State", early: list[Cand], plan: PlacementPlan, wm: int) -> None:
-        """Complete the exchanges whose offloads have freed their room, then
-        start at most one new one."""
-        cap = math.ceil(self.exchange_budget * view.num_gpu_blocks)
-        sizes = {c.job_id: c.blocks for c in view.want_upload}
-        sizes.update((c.job_id, c.blocks) for c in early)
-        budget = cap - view.pending_free_gpu - view.uploading_gpu - st.copied - sum(sizes.get(j, 0) for j in plan.upload)
-        owed = 0
-        for s in early:
-            if s.job_id not in self._targets:
-                continue
-            if st.free >= s.blocks and s.blocks <= budget:
-                st.free -= s.blocks
-                budget -= s.blocks
-                plan.upload.append(s.job_id)
-                del self._targets[s.job_id]
-                self._mark(s.job_id)
-            else:
-                owed += s.blocks
-        if len(self._targets) >= self.exchange_width:
-            return
-        for s in early[:self.exchange_width]:
-            if s.job_id in self._targets or s.job_id in plan.upload:
-                continue
-            if self._cooling(s.job_id):
-                return
-            # Make room: idle jobs that will run clearly later than s, latest first.
-            picked, room = [], st.free + st.pending - wm - owed
-            host = st.host
-            for v in st.victims():
-                if room >= s.blocks:
-                    break
-                if v.enst <= s.enst * (1 + self.margin) or not v.later_than(s):
-                    break  # sorted latest first: nobody further down runs late enough
-                if v.in_batch or self._cooling(v.job_id) or host < v.blocks:
-                    continue
-                picked.append(v)
-                host -= v.blocks
-                room += v.blocks
-            if not picked or room < s.blocks or sum(v.blocks for v in picked) > budget:
-                # No one to exchange with (free room is the prefetch's, above the reserve),
-                # or the earliest swapped job does not fit: a later one would only jump it.
-                return
-            for v in picked:
-                st.evict(v, plan, swap=True)
-                self._mark(v.job_id)
-            self._targets[s.job_id] = self._plans
-            return
-
-    def _mark(self, job_id: str) -> None:
-        self._moved.pop(job_id, None)
-        self._moved[job_id] = self._plans
-
-    def _cooling(self, job_id: str) -> bool:
-        t = self._moved.get(job_id)
-        return t is not None and self._plans - t < self.cooldown
-
-    def _forget_old(self) -> None:
-        """Targets whose room was taken (or that ran anyway) are given up
-        after `cooldown` plans; the cooldown marks expire."""
-        for d in (self._moved, self._targets):
-            while d:
-                jid, t = next(iter(d.items()))
-                if self._plans - t < self.cooldown:
-                    break
-                del d[jid]
 
 
 class _State:
@@ -251,7 +156,6 @@ class _State:
         self.host = view.free_host
         self.resident = resident
         self.taken: set[str] = set()
-        self.copied = 0  # blocks this plan offloads
         self._sorted: list[Cand] | None = None
 
     def victims(self) -> list[Cand]:
@@ -265,7 +169,6 @@ class _State:
         if swap and self.host >= c.blocks:
             self.host -= c.blocks
             self.pending += c.blocks
-            self.copied += c.blocks
             plan.offload.append(c.job_id)
         else:
             # No room on the host: recompute is the only way to free the blocks.

@@ -67,8 +67,7 @@ class KVPlacementMixin:
                      for j, need, pos in w.blocked],
             want_upload=[Cand(j.id, len(j.host_blocks), self._enst(j, pos, base, now), rank=(j.level, j.key))
                          for j, pos in w.want_upload],
-            candidates=candidates,
-            uploading_gpu=sum(len(j.gpu_blocks) for j in self._by_loc[Loc.TO_GPU].values()))
+            candidates=candidates)
 
     def _evict(self, plan: PlacementPlan) -> tuple[list[KVMove], list[str]]:
         offloads = []
