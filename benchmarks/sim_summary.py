@@ -1,16 +1,24 @@
 """Print the markdown tables of benchmarks/results/scheduler.md from the JSON
-that benchmarks/sim_experiments.sh wrote (python benchmarks/sim_summary.py)."""
+that benchmarks/sim_experiments.sh wrote:
+    python benchmarks/sim_summary.py [OUT_DIR] [--prefix gpu_]
+(--prefix: the PREFIX the script was run with, e.g. for a --profile run)."""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 
-OUT = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results" / "sim")
+_args = sys.argv[1:]
+PREFIX = ""
+if "--prefix" in _args:
+    i = _args.index("--prefix")
+    PREFIX = _args[i + 1]
+    del _args[i:i + 2]
+OUT = Path(_args[0] if _args else Path(__file__).parent / "results" / "sim")
 
 
 def load(name: str) -> dict:
-    return json.loads((OUT / f"{name}.json").read_text())
+    return json.loads((OUT / f"{PREFIX}{name}.json").read_text())
 
 
 def policy_table(name: str) -> None:
@@ -34,11 +42,11 @@ def policy_table(name: str) -> None:
 
 
 def kv_table() -> None:
-    print("\n" + (OUT / "kv_setup.txt").read_text().strip() + "\n")
+    print("\n" + (OUT / f"{PREFIX}kv_setup.txt").read_text().strip() + "\n")
     un = load("kv_unconstrained")["sj-mlfq"]
     print(f"Unconstrained (kv none, unlimited blocks): sj-mlfq mean norm latency {un['mean_norm_latency']:.4f}, "
           f"peak {un['peak_gpu_blocks']} blocks.\n")
-    hosts = sorted({p.stem.rsplit("_host", 1)[1] for p in OUT.glob("kv_*_host*.json")}, key=int)
+    hosts = sorted({p.stem.rsplit("_host", 1)[1] for p in OUT.glob(f"{PREFIX}kv_*_host*.json")}, key=int)
     print("| host blocks | kv policy | sj-mlfq mean norm lat | P95 | mean JCT | mean TTFT | throughput | swaps | "
           "drops | fcfs mean norm lat |")
     print("|" + "---|" * 10)
@@ -49,6 +57,20 @@ def kv_table() -> None:
             print(f"| {h} | {kv} | {m['mean_norm_latency']:.4f} | {m['p95_norm_latency']:.4f} | {m['mean_jct']:.2f} | "
                   f"{m['mean_ttft']:.3f} | {m['throughput']:.3f} | {m['swaps']} | {m['drops']} | "
                   f"{d['fcfs']['mean_norm_latency']:.4f} |")
+
+
+def bandwidth_table() -> None:
+    bws = sorted({p.stem[len(PREFIX) + 5:].rsplit("_", 1)[0] for p in OUT.glob(f"{PREFIX}kv_bw*_*.json")}, key=float)
+    if not bws:
+        return
+    print("\nCopy-link sensitivity (sj-mlfq, large host pool):\n")
+    print("| copy bandwidth (B/s) | kv policy | mean norm lat | P95 | mean JCT | mean TTFT | throughput | swaps |")
+    print("|" + "---|" * 8)
+    for bw in bws:
+        for kv in ("proactive", "reactive"):
+            m = load(f"kv_bw{bw}_{kv}")["sj-mlfq"]
+            print(f"| {bw} | {kv} | {m['mean_norm_latency']:.4f} | {m['p95_norm_latency']:.4f} | {m['mean_jct']:.2f} | "
+                  f"{m['mean_ttft']:.3f} | {m['throughput']:.3f} | {m['swaps']} |")
 
 
 def bench_table() -> None:
@@ -63,9 +85,10 @@ def bench_table() -> None:
 
 if __name__ == "__main__":
     for name in ("sharegpt_cv2", "sharegpt_cv1", "alpaca_cv2", "longprompt"):
-        if (OUT / f"{name}_at_fcfs_slo.json").exists():
+        if (OUT / f"{PREFIX}{name}_at_fcfs_slo.json").exists():
             policy_table(name)
-    if (OUT / "kv_setup.txt").exists():
+    if (OUT / f"{PREFIX}kv_setup.txt").exists():
         kv_table()
-    if (OUT / "bench_scheduler.json").exists():
+        bandwidth_table()
+    if (OUT / f"{PREFIX}bench_scheduler.json").exists():
         bench_table()
