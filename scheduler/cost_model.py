@@ -13,6 +13,7 @@ to time offload/upload copies.
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -97,8 +98,13 @@ class CostModel:
         if any(t <= 0 or s <= 0 for t, s in pre) or any(b <= 0 or c < 0 or s <= 0 for b, c, s in dec):
             raise ProfileError(f"{source}: profile points must be positive")
         bpb = int(data.get("bytes_per_block") or _SMALL_KV_BYTES_PER_TOKEN * block_size)
+        # A longer prompt never takes less time: measured points that say so
+        # are noise (launch-bound GPU profiles are flat and jittery), and a
+        # falling curve extrapolates to ~0 s for long prompts, which would
+        # make skip-join put the longest prompts in Q0.
+        seconds = list(itertools.accumulate((s for _, s in pre), max))
         return cls(
-            prefill_tokens=tuple(t for t, _ in pre), prefill_seconds=tuple(s for _, s in pre),
+            prefill_tokens=tuple(t for t, _ in pre), prefill_seconds=tuple(seconds),
             decode_coef=_fit_decode(dec), block_size=block_size, bytes_per_block=bpb,
             name=str(data.get("model", source)),
         )

@@ -125,3 +125,15 @@ def test_decode_fit_is_constrained_not_clipped():
     exact = CostModel.from_dict({"block_size": 16, "prefill": [{"tokens": 16, "seconds": 0.01}],
                                  "decode": [{"batch_size": b, "context_len": c, "seconds": s} for b, c, s in clean]})
     assert exact.decode_coef == pytest.approx((0.01, 0.001, 2e-6))
+
+
+def test_prefill_cost_never_falls_with_prompt_length():
+    # A jittery launch-bound GPU profile whose points fall with length must not
+    # extrapolate to ~0 s for long prompts (skip-join would put them in Q0).
+    model = CostModel.from_dict({"block_size": 16,
+                                 "prefill": [{"tokens": 16, "seconds": 0.010}, {"tokens": 64, "seconds": 0.007},
+                                             {"tokens": 128, "seconds": 0.004}],
+                                 "decode": [{"batch_size": 1, "context_len": 64, "seconds": 0.006}]})
+    times = [model.prefill_time(t) for t in (16, 32, 64, 128, 1024, 2048)]
+    assert times == sorted(times)
+    assert times[-1] >= 0.010
