@@ -22,6 +22,12 @@ class Cand:
     enst: float  # seconds until it is expected to be scheduled
     in_batch: bool = False  # chosen for this iteration: only offloaded, never dropped
     admission: bool = False  # blocked job that has no KV (new, or dropped for recompute)
+    # Resident job whose KV was uploaded and that has not run since: only the
+    # demand of a job that would run now may evict it, never another upload or
+    # the watermark. Otherwise, on a slow link, an upload that lands can be
+    # moved out again for the next one queued before it ever runs
+    # (benchmarks/results/kv_placement.md, "After the swap-thrash fix").
+    landed: bool = False
     # Priority order (smaller runs first): breaks ENST ties, e.g. when many
     # jobs are starving and all have ENST 0.
     rank: tuple = ()
@@ -100,7 +106,11 @@ class ReactivePlacement(KVPlacementPolicy):
                     st.free -= c.blocks
                     plan.upload.append(c.job_id)
                 else:
-                    st.make_room(c, plan, self.swap, allow_drop=True)
+                    # Never by dropping a resident job's KV: with the host full
+                    # that trades one job's recompute for another's swap, and
+                    # the jobs drop one another in turn (45,038 drops for 1000
+                    # jobs, benchmarks/results/kv_placement.md).
+                    st.make_room(c, plan, self.swap, allow_drop=False, for_upload=True)
 
 
 class ProactivePlacement(ReactivePlacement):
@@ -131,7 +141,7 @@ class ProactivePlacement(ReactivePlacement):
         for c in st.victims():
             if st.free + st.pending >= wm:
                 break
-            if c.in_batch or st.host < c.blocks:
+            if c.in_batch or c.landed or st.host < c.blocks:
                 continue
             st.evict(c, plan, swap=True)
         if st.free + st.pending < wm or plan.offload or plan.drop:
@@ -175,16 +185,18 @@ class _State:
             self.free += c.blocks
             plan.drop.append(c.job_id)
 
-    def make_room(self, c: Cand, plan: PlacementPlan, swap: bool, allow_drop: bool) -> None:
+    def make_room(self, c: Cand, plan: PlacementPlan, swap: bool, allow_drop: bool,
+                  for_upload: bool = False) -> None:
         """Evict idle jobs that will run later than `c` until `c` fits
-        (counting blocks that offloads in flight will free)."""
+        (counting blocks that offloads in flight will free). Room for an
+        upload (`for_upload`) never costs a job that landed and has not run yet."""
         if self.free + self.pending >= c.blocks:
             self._consume(c.blocks)
             return
         for v in self.victims():
             if self.free + self.pending >= c.blocks:
                 break
-            if not v.later_than(c) or v.job_id == c.job_id:
+            if not v.later_than(c) or v.job_id == c.job_id or (for_upload and v.landed):
                 continue
             if swap and self.host >= v.blocks:
                 self.evict(v, plan, swap)  # a copy: cheap enough to preempt a running job for

@@ -78,6 +78,8 @@ class SchedulerCore(KVPlacementMixin):
         self._last_batch: set[str] = set()
         self._reserved = 0  # blocks reserved for whole outputs (kv policy "none")
         self._pending_free = 0  # GPU blocks that offloads in flight will free
+        # Jobs uploaded back to the GPU that have not run since (see Cand.landed).
+        self._landed: set[str] = set()
         # Jobs by where their KV is: memory bounds these, not the number of waiting jobs.
         self._by_loc: dict[Loc, dict[str, Job]] = {loc: {} for loc in Loc if loc is not Loc.NONE}
         self._ranked = {Loc.GPU: PrioritySet(), Loc.HOST: PrioritySet()}
@@ -175,6 +177,8 @@ class SchedulerCore(KVPlacementMixin):
             self.host.free(job.host_blocks)
             job.host_blocks = []
             self._set_loc(job, Loc.GPU)
+            if not job.cancelled:
+                self._landed.add(job_id)
         else:
             raise ValueError(f"copy_done({job_id}, {direction!r}) but its KV is {job.loc.value}")
         if job.cancelled:
@@ -355,12 +359,35 @@ class SchedulerCore(KVPlacementMixin):
                     w.want_upload.append((job, pos))
             if len(w.batch) >= max_b or tokens_left <= 0 or examined - len(w.batch) >= budget:
                 break
+        if examined - len(w.batch) >= budget:
+            # Progress guarantee: the budget ran out on jobs that cannot run
+            # (swapped, copying, waiting for memory), yet jobs whose KV is on
+            # the GPU may be behind them. Left idle, their blocks would be
+            # evicted for the very jobs that cannot run, and no batch would
+            # ever run. Bounded by memory, not by the number of waiting jobs.
+            taken = {j.id for j, _ in w.batch}
+            for job in self._ranked[Loc.GPU].highest_first():
+                if len(w.batch) >= max_b or tokens_left <= 0:
+                    break
+                if job.id in taken or job.in_flight or job.cancelled:
+                    continue
+                n = min(job.known_tokens - job.num_computed, tokens_left)
+                need = -(-(job.num_computed + n) // bs) - len(job.gpu_blocks)
+                if n <= 0:
+                    continue
+                if need <= free:
+                    w.batch.append((job, n))
+                    free -= need
+                    tokens_left -= n
+                else:
+                    w.blocked.append((job, need, self._pos(job)))
         w.free = free
         return w
 
     def _commit(self, job: Job, n: int) -> BatchEntry:
         if not job.started:
             self._levels[job.level].start(job)
+        self._landed.discard(job.id)
         if job.loc is Loc.NONE:
             self._set_loc(job, Loc.GPU)
             if self.kv_policy.reserve_full_length:
@@ -392,4 +419,5 @@ class SchedulerCore(KVPlacementMixin):
         self._reserved -= job.reserved
         job.reserved = 0
         self._set_loc(job, Loc.NONE)
+        self._landed.discard(job.id)
         del self._jobs[job.id]

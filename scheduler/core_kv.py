@@ -49,7 +49,7 @@ class KVPlacementMixin:
                     break
                 if not j.in_flight and not j.cancelled:
                     resident.append(Cand(j.id, len(j.gpu_blocks), self._enst(j, self._pos(j), base, now),
-                                         j.id in in_batch, rank=(j.level, j.key)))
+                                         j.id in in_batch, rank=(j.level, j.key), landed=j.id in self._landed))
             swapped: list[Cand] = []
             for j in self._ranked[Loc.HOST].highest_first():
                 if len(swapped) >= limit:
@@ -79,6 +79,7 @@ class KVPlacementMixin:
                 continue  # the policy over-booked the host: the job simply stays
             job.host_blocks = self.host.allocate(n)
             self._set_loc(job, Loc.TO_HOST)
+            self._landed.discard(jid)
             self._pending_free += n
             offloads.append(KVMove(jid, "offload", list(job.gpu_blocks), list(job.host_blocks)))
         dropped = []
@@ -89,6 +90,7 @@ class KVPlacementMixin:
             job.gpu_blocks = []
             job.num_computed = 0
             self._set_loc(job, Loc.NONE)
+            self._landed.discard(jid)
             # Back among the jobs without KV, at its old place in the queue: it
             # is re-admitted like a new job (and never costs anyone's KV).
             lv = self._levels[job.level]
@@ -112,6 +114,7 @@ class KVPlacementMixin:
                 continue  # the batch took the blocks after all; ask again next iteration
             job.gpu_blocks = self.gpu.allocate(n)
             self._set_loc(job, Loc.TO_GPU)
+            self._landed.discard(jid)
             moves.append(KVMove(jid, "upload", list(job.host_blocks), list(job.gpu_blocks)))
         self.stats.uploads += len(moves)
         self.stats.swaps += len(moves)
