@@ -6,6 +6,7 @@ import pytest
 from fastserve.common.bus import UnroutableError, make_bus
 from fastserve.common.bus_memory import MemoryBus, topic_matches
 from fastserve.common.bus_rabbit import RabbitBus
+from fastserve.common.testing import skip_unless_ci
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -75,11 +76,11 @@ def _close_connection_by_name(name: str) -> None:
     import subprocess
 
     if shutil.which("rabbitmqctl") is None:
-        pytest.skip("rabbitmqctl not found: cannot force a connection loss")
+        skip_unless_ci("rabbitmqctl not found: cannot force a connection loss")
     listing = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
                              capture_output=True, text=True, timeout=30)
     if listing.returncode != 0:
-        pytest.skip(f"rabbitmqctl cannot list connections: {listing.stderr.strip()[:200]}")
+        skip_unless_ci(f"rabbitmqctl cannot list connections: {listing.stderr.strip()[:200]}")
     pids = [line.split("\t", 1)[0] for line in listing.stdout.splitlines() if name in line]
     assert len(pids) == 1, listing.stdout
     subprocess.run(["rabbitmqctl", "close_connection", pids[0], "test: forced connection loss"],
