@@ -86,8 +86,16 @@ class Linear:
 
 
 def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
-    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    if not (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    if dtype == torch.bfloat16:
+        # oneDNN's packed bf16 GEMM needs AVX-512 (bw/vl/dq) or AVX-NE-CONVERT;
+        # without them (AMD EPYC before Zen 4, most desktop CPUs) it raises at
+        # pack time. F.linear's bf16 path works on every x86-64 CPU, slower.
+        supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(supported is not None and supported())
+    return True
 
 
 @dataclass

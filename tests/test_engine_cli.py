@@ -88,3 +88,23 @@ def test_half_precision_runs_close_to_float32(tiny_model_dir, dtype):
     assert err < 0.05, err
     # most next-token argmaxes survive the precision loss
     assert (half.argmax(-1) == f32.argmax(-1)).float().mean() > 0.8
+
+
+def test_bfloat16_without_avx512(tiny_model_dir):
+    """oneDNN limited to AVX2 stands in for a CPU without AVX-512 (e.g. AMD
+    EPYC Zen 2/3): bfloat16 must still load and run, by the unpacked path."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, sys\n"
+        "from fastserve.gpu_worker.engine import Engine\n"
+        "from fastserve.gpu_worker.batch import SeqWork\n"
+        "assert not torch.ops.mkldnn._is_mkldnn_bf16_supported()\n"
+        f"e = Engine({str(tiny_model_dir)!r}, dtype='bfloat16', num_gpu_blocks=4)\n"
+        "out = e.forward([SeqWork('a', list(range(5, 25)), 0, [0, 1])])\n"
+        "assert out.shape[0] == 1 and torch.isfinite(out).all()\n"
+        "print('ok')\n")
+    env = {**__import__("os").environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
