@@ -20,7 +20,7 @@ import time
 def _engine_run(engine, prompts, new_tokens):
     """Prefill all prompts in one step, then decode; returns (prefill_s, decode_s)."""
     from fastserve.gpu_worker.batch import SeqWork
-    from fastserve.gpu_worker.sampling import SamplingParams
+    from fastserve.common.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     bs = engine.block_size

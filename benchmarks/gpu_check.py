@@ -29,7 +29,7 @@ from fastserve.gpu_worker.batch import SeqWork
 from fastserve.gpu_worker.engine import Engine
 from fastserve.gpu_worker.llm import LLM
 from fastserve.gpu_worker.model_maker import make_model
-from fastserve.gpu_worker.sampling import SamplingParams
+from fastserve.common.sampling_params import SamplingParams
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False

@@ -20,11 +20,11 @@ import collections
 import json
 
 from fastserve.kvstore import placement
-from fastserve.scheduler.core import SchedulerCore
-from fastserve.scheduler.cost_model import CostModel
-from fastserve.scheduler.job import Loc
-from fastserve.scheduler.sim import SimConfig, simulate
-from fastserve.scheduler.workload import synthetic
+from fastserve.scheduler.core.scheduler import SchedulerCore
+from fastserve.scheduler.core.cost_model import CostModel
+from fastserve.scheduler.core.job import Loc
+from fastserve.scheduler.sim.simulator import SimConfig, simulate
+from fastserve.scheduler.sim.workload import synthetic
 
 
 def run(args: argparse.Namespace, kv: str) -> dict:

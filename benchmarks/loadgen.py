@@ -4,7 +4,7 @@ paper's measures as JSON.
     python benchmarks/loadgen.py --url http://127.0.0.1:8000 --workload alpaca --num-jobs 200 --rate 8
     python benchmarks/loadgen.py --spawn --policy fcfs --workload sharegpt --scale 0.25 --rate 2 --sim
 
-Workloads come from the scheduler's generators (fastserve.scheduler.workload):
+Workloads come from the scheduler's generators (fastserve.scheduler.sim.workload):
 `sharegpt` / `alpaca` (lognormal lengths, Poisson or Gamma arrivals) or a JSONL
 trace ({"arrival_time", "input_len", "output_len"} per line). Each job is sent
 at its arrival time as a streaming /v1/completions request whose prompt is
@@ -56,12 +56,12 @@ class Result:
 
 
 def load_jobs(args) -> list:
-    from fastserve.scheduler.workload import make_workload
+    from fastserve.scheduler.sim.workload import make_workload
 
     jobs = make_workload(args.workload, num_jobs=args.num_jobs, rate=args.rate, cv=args.cv, seed=args.seed,
                          arrival_cv=args.arrival_cv)
     if args.scale != 1.0:
-        from fastserve.scheduler.workload import TraceJob
+        from fastserve.scheduler.sim.workload import TraceJob
 
         jobs = [TraceJob(j.arrival_time, max(1, round(j.input_len * args.scale)),
                          max(1, round(j.output_len * args.scale))) for j in jobs]
@@ -175,7 +175,7 @@ def profile_from_steps(step_log, offline: dict, prefill: str = "in-situ", min_pr
 
 
 def _fit_steps(step_log, offline: dict, prefill: str, min_prefill_steps: int) -> dict:
-    from fastserve.scheduler.cost_model import CostModel
+    from fastserve.scheduler.core.cost_model import CostModel
 
     dec = [{"batch_size": n_dec, "context_len": ctx_sum / n_dec, "seconds": seconds}
            for prefill_tokens, n_dec, ctx_sum, seconds in step_log if n_dec and not prefill_tokens]
@@ -207,7 +207,7 @@ def fold_overhead(profile: dict, overhead: float) -> dict:
 
 
 def offline_profile(args) -> dict:
-    from fastserve.scheduler.cost_model import _default_profile
+    from fastserve.scheduler.core.cost_model import _default_profile
 
     if args.profile:
         return json.loads(Path(args.profile).read_text())
@@ -223,8 +223,8 @@ def simulate(jobs: list, policy: str, args, profile: dict | None = None, control
     scheduler's own profile, as the service does (its quanta, skip-join levels
     and starvation threshold); "timing" from `profile` (the first calibration's way).
     `slowdown`: SimConfig.slowdown (replaying a run's drift; diagnostics)."""
-    from fastserve.scheduler.cost_model import CostModel
-    from fastserve.scheduler.sim import SimConfig, simulate as sim
+    from fastserve.scheduler.core.cost_model import CostModel
+    from fastserve.scheduler.sim.simulator import SimConfig, simulate as sim
 
     own = CostModel.from_profile(args.profile) if args.profile else CostModel.default(args.block_size)
     cost = CostModel.from_dict(profile, source="in-situ") if profile is not None else own
@@ -316,7 +316,7 @@ class _Entry:
 async def spawn_and_run(args, jobs) -> tuple[list[Result], float, dict]:
     from fastserve.common.bus_memory import MemoryBus
     from fastserve.common.logging import setup_logging
-    from fastserve.common.up import NodeConfig, Stack, ensure_default_model
+    from fastserve.deploy.launcher import NodeConfig, Stack, ensure_default_model
 
     setup_logging("loadgen", args.log_level)  # JSON lines on stderr; stdout stays the report
 

@@ -19,7 +19,7 @@ M=/tmp/models/small
 $PY -c "from fastserve.gpu_worker.model_maker import make_model; make_model('$M', preset='small')" || exit 1
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
 if [ -n "${PROFILE:-}" ]; then cp "$PROFILE" "$OUT/profile_cuda.json"; else
-    timeout 120 $PY -m fastserve.common.cli profile --model $M --device cuda --out "$OUT/profile_cuda.json" --quick 2>&1 | tail -1
+    timeout 120 $PY -m fastserve.deploy.cli profile --model $M --device cuda --out "$OUT/profile_cuda.json" --quick 2>&1 | tail -1
 fi
 timeout 150 $PY benchmarks/services_check.py --model $M --device cuda --jobs 16 --prompt-len 40 --max-tokens 40 \
     --gpu-kv-blocks 16 --out "$OUT/offload_cuda.json" 2>"$OUT/offload_err.log" | tail -30
@@ -27,7 +27,7 @@ timeout 150 $PY benchmarks/services_check.py --model $M --device cuda --jobs 16 
 LOAD="${LOAD:-1.1}"
 RATE=$($PY -c "LOAD = $LOAD
 
-from fastserve.scheduler.cost_model import CostModel
+from fastserve.scheduler.core.cost_model import CostModel
 c = CostModel.from_profile('$OUT/profile_cuda.json'); print(min(20.0, max(0.5, round(LOAD * 8 / (338 * c.decode_time(8, 400)), 2))))")
 JOBS=$($PY -c "print(min(90, max(40, round($RATE * 20))))")
 echo "rate $RATE req/s, $JOBS jobs"

@@ -62,7 +62,7 @@ def scaled_offline(iterations, args) -> dict:
 
 def drift(iterations, profile, window: float = 2.0) -> list[tuple[float, float]]:
     """(start, real / model step time) per `window` seconds of the real run."""
-    from fastserve.scheduler.cost_model import CostModel
+    from fastserve.scheduler.core.cost_model import CostModel
 
     model = CostModel.from_dict(profile, source="in-situ")
     sums: dict[int, list[float]] = {}
@@ -75,7 +75,7 @@ def drift(iterations, profile, window: float = 2.0) -> list[tuple[float, float]]
 
 def step_fit(iterations, profile) -> dict:
     """Real step time over the timing model's prediction for the same batch."""
-    from fastserve.scheduler.cost_model import CostModel
+    from fastserve.scheduler.core.cost_model import CostModel
 
     model = CostModel.from_dict(profile, source="in-situ")
     kinds: dict[str, list[tuple[float, float]]] = {}

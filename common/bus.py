@@ -122,11 +122,11 @@ class Bus(abc.ABC):
 def make_bus(url: str, *, namespace: str = "", connection_name: str = "fastserve") -> Bus:
     """`memory://` -> MemoryBus, `amqp://...`/`amqps://...` -> RabbitBus."""
     if url.startswith("memory://"):
-        from .bus_memory import MemoryBus
+        from fastserve.common.bus_memory import MemoryBus
 
         return MemoryBus(namespace=namespace)
     if url.startswith(("amqp://", "amqps://")):
-        from .bus_rabbit import RabbitBus
+        from fastserve.common.bus_rabbit import RabbitBus
 
         return RabbitBus(url, namespace=namespace, connection_name=connection_name)
     raise ValueError(f"unknown broker URL {url!r}: expected memory:// or amqp://user:pass@host:port/")
@@ -135,11 +135,11 @@ def make_bus(url: str, *, namespace: str = "", connection_name: str = "fastserve
 def __getattr__(name: str) -> Any:
     # `from fastserve.common.bus import MemoryBus, RabbitBus` without importing aio-pika eagerly.
     if name == "MemoryBus":
-        from .bus_memory import MemoryBus
+        from fastserve.common.bus_memory import MemoryBus
 
         return MemoryBus
     if name == "RabbitBus":
-        from .bus_rabbit import RabbitBus
+        from fastserve.common.bus_rabbit import RabbitBus
 
         return RabbitBus
     raise AttributeError(name)

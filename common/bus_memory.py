@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from . import names
-from .bus import Bus, BusError, Handler, Headers, Subscription, UnroutableError, _fresh_log_context
-from .schemas import SchemaError
+from fastserve.common import names
+from fastserve.common.bus import Bus, BusError, Handler, Headers, Subscription, UnroutableError, _fresh_log_context
+from fastserve.common.schemas import SchemaError
 
 log = structlog.get_logger("fastserve.bus")
 

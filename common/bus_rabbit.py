@@ -18,9 +18,9 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from aio_pika.exceptions import ChannelInvalidStateError, DeliveryError
 
-from . import names
-from .bus import Bus, BusError, Handler, Headers, Subscription, UnroutableError, _fresh_log_context
-from .schemas import SchemaError
+from fastserve.common import names
+from fastserve.common.bus import Bus, BusError, Handler, Headers, Subscription, UnroutableError, _fresh_log_context
+from fastserve.common.schemas import SchemaError
 
 log = structlog.get_logger("fastserve.bus")
 

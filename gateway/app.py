@@ -22,10 +22,10 @@ from aiohttp import web
 from fastserve.common.bus import Bus
 from fastserve.common.metrics import Metrics
 
-from .config import GatewayConfig
-from .jobs import JobTracker
-from .model_info import ModelInfo
-from .protocol import APIError, bad, render_chat
+from fastserve.gateway.config import GatewayConfig
+from fastserve.gateway.jobs import JobTracker
+from fastserve.gateway.model_info import ModelInfo
+from fastserve.gateway.protocol import APIError, bad, render_chat
 
 log = structlog.get_logger("fastserve.gateway")
 
@@ -145,7 +145,7 @@ async def detokenize(request: web.Request) -> web.Response:
 
 def create_app(config: GatewayConfig, bus: Bus, *, model: ModelInfo | None = None,
                metrics: Metrics | None = None) -> web.Application:
-    from .serving import chat_completions, completions
+    from fastserve.gateway.serving import chat_completions, completions
 
     model = model or ModelInfo.load(config.model, config.served_model_name)
     metrics = metrics or Metrics(model.name)

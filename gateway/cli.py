@@ -9,7 +9,7 @@ import sys
 
 from fastserve.common.config import ConfigError, add_config_args, config_from_args
 
-from .config import GatewayConfig
+from fastserve.gateway.config import GatewayConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,7 +43,7 @@ async def run_gateway(config: GatewayConfig, bus=None, stop: asyncio.Event | Non
 
     from fastserve.common.bus import make_bus
 
-    from .app import create_app
+    from fastserve.gateway.app import create_app
 
     own_bus = bus is None
     if own_bus:

@@ -17,8 +17,8 @@ from fastserve.common.schemas import (
     Heartbeat, JobCancel, JobSubmit, SchedulerStats, TokenEvent, decode, encode,
 )
 
-from .config import GatewayConfig
-from .protocol import APIError
+from fastserve.gateway.config import GatewayConfig
+from fastserve.gateway.protocol import APIError
 
 log = structlog.get_logger("fastserve.gateway")
 

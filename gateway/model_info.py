@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastserve.gpu_worker.tokenizer import ChatTemplate, load_tokenizer
+from fastserve.common.tokenizer import ChatTemplate, load_tokenizer
 
 
 @dataclass

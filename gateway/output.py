@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fastserve.common.schemas import TokenEvent
-from fastserve.gpu_worker.tokenizer import IncrementalDetokenizer
+from fastserve.common.tokenizer import IncrementalDetokenizer
 
-from .model_info import ModelInfo
+from fastserve.gateway.model_info import ModelInfo
 
 
 @dataclass

@@ -7,10 +7,10 @@ from typing import Any
 
 import jinja2
 
-from fastserve.gpu_worker.sampling import SamplingParams
+from fastserve.common.sampling_params import SamplingParams
 
-from .config import GatewayConfig
-from .model_info import ModelInfo
+from fastserve.gateway.config import GatewayConfig
+from fastserve.gateway.model_info import ModelInfo
 
 _CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 _MAX_STOP = 16

@@ -14,10 +14,10 @@ from aiohttp import web
 
 from fastserve.common.logging import bind_job
 
-from .app import STATE, GatewayState, dumps, error_response, json_response, read_json
-from .jobs import Submission
-from .output import ChoiceOutput, Delta, TokenLogprob
-from .protocol import APIError, GenerateRequest, parse_chat, parse_completion
+from fastserve.gateway.app import STATE, GatewayState, dumps, error_response, json_response, read_json
+from fastserve.gateway.jobs import Submission
+from fastserve.gateway.output import ChoiceOutput, Delta, TokenLogprob
+from fastserve.gateway.protocol import APIError, GenerateRequest, parse_chat, parse_completion
 
 log = structlog.get_logger("fastserve.gateway")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .sampling import SamplingParams
+from fastserve.common.sampling_params import SamplingParams
 
 
 @dataclass

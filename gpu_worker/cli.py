@@ -51,11 +51,11 @@ def register(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="fewer, shorter measurements")
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=_profile)
-    # `fastserve worker` (the worker service) is registered by fastserve.common.up.
+    # `fastserve worker` (the worker service) is registered by fastserve.deploy.launcher.
 
 
 def _make_model(args) -> int:
-    from .model_maker import make_model
+    from fastserve.gpu_worker.model_maker import make_model
 
     path = make_model(args.out_dir, arch=args.arch, preset=args.preset, seed=args.seed)
     print(f"wrote a random-weight {args.arch} ({args.preset}) checkpoint to {path}")
@@ -63,8 +63,8 @@ def _make_model(args) -> int:
 
 
 def _generate(args) -> int:
-    from .llm import LLM
-    from .sampling import SamplingParams
+    from fastserve.gpu_worker.llm import LLM
+    from fastserve.common.sampling_params import SamplingParams
 
     _set_threads(args)
     try:
@@ -74,7 +74,7 @@ def _generate(args) -> int:
                   num_gpu_blocks=args.gpu_kv_blocks)
         prompts = args.prompt
         if args.chat:
-            from .tokenizer import ChatTemplate
+            from fastserve.common.tokenizer import ChatTemplate
 
             tmpl = ChatTemplate.from_model_dir(args.model)
             prompts = [tmpl.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
@@ -92,8 +92,8 @@ def _generate(args) -> int:
 
 
 def _profile(args) -> int:
-    from .engine import Engine
-    from .profiler import profile_engine
+    from fastserve.gpu_worker.engine import Engine
+    from fastserve.gpu_worker.profiler import profile_engine
 
     _set_threads(args)
     engine = Engine(args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from .batch import SeqResult, SeqWork
-from .config import ModelConfig
-from .kv_cache import CopyHandle, KVCache
-from .loader import load_weights, torch_dtype
-from .model import FreshPrefills, LlamaModel, PrefillSpan, StepInputs
-from .sampling import sample
+from fastserve.gpu_worker.batch import SeqResult, SeqWork
+from fastserve.common.model_config import ModelConfig
+from fastserve.gpu_worker.kv_cache import CopyHandle, KVCache
+from fastserve.gpu_worker.loader import load_weights, torch_dtype
+from fastserve.gpu_worker.model import FreshPrefills, LlamaModel, PrefillSpan, StepInputs
+from fastserve.gpu_worker.sampling import sample
 
 # Default device KV pool on the CPU when none is given: this many full-length
 # sequences, capped by _CPU_KV_BYTES.
@@ -30,7 +30,7 @@ class Engine:
     def __init__(self, model_dir: str | Path, *, dtype: str = "float32", device: str = "cpu", block_size: int = 16,
                  num_gpu_blocks: int | None = None, num_host_blocks: int = 0, host_kv_buffer=None,
                  cpu_prepack: bool = True):
-        from .tokenizer import load_tokenizer
+        from fastserve.common.tokenizer import load_tokenizer
 
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .batch import SeqWork
-from .engine import Engine
-from .sampling import SamplingParams
+from fastserve.gpu_worker.batch import SeqWork
+from fastserve.gpu_worker.engine import Engine
+from fastserve.common.sampling_params import SamplingParams
 
 
 class BlockAllocator:

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ModelConfig
+from fastserve.common.model_config import ModelConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Show a progress bar only where loading takes long enough to wonder.

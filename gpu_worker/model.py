@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig
-from .loader import ModelWeights
+from fastserve.common.model_config import ModelConfig
+from fastserve.gpu_worker.loader import ModelWeights
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import time
 
-from .batch import SeqWork
-from .sampling import SamplingParams
+from fastserve.gpu_worker.batch import SeqWork
+from fastserve.common.sampling_params import SamplingParams
 
 PREFILL_LENS = (16, 32, 64, 128, 256, 512, 1024)
 DECODE_BATCHES = (1, 2, 4, 8, 16, 32)

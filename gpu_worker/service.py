@@ -93,7 +93,7 @@ class WorkerService:
 
     def _make_engine(self):
         from fastserve.gpu_worker.engine import Engine
-        from fastserve.kvstore.host_pool import HostKVPool, PoolSpec, default_pool_path, kv_bytes_per_block
+        from fastserve.common.host_pool import HostKVPool, PoolSpec, default_pool_path, kv_bytes_per_block
 
         c = self.config
         buffer = None
@@ -190,7 +190,7 @@ class WorkerService:
 
     async def _run(self, cmd: BatchCommand) -> BatchResult:
         from fastserve.gpu_worker.batch import SeqWork
-        from fastserve.gpu_worker.sampling import SamplingParams
+        from fastserve.common.sampling_params import SamplingParams
 
         self._forget(cmd.free)
         for job_id, tokens, sampling, *rest in cmd.new:

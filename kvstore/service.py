@@ -19,7 +19,7 @@ from fastserve.common import names
 from fastserve.common.bus import Bus
 from fastserve.common.lifecycle import ServiceTasks, send_heartbeats
 from fastserve.common.schemas import KVCopy, KVCopyDone, KVPlan, decode, encode
-from fastserve.kvstore.host_pool import HostKVPool, PoolSpec, default_pool_path, kv_bytes_per_block
+from fastserve.common.host_pool import HostKVPool, PoolSpec, default_pool_path, kv_bytes_per_block
 
 log = structlog.get_logger("fastserve.kvstore")
 

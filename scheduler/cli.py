@@ -1,5 +1,5 @@
 """`fastserve sim` and `fastserve bench scheduler`. (`fastserve scheduler`,
-the service, is registered by common/up.py.)"""
+the service, is registered by deploy/launcher.py.)"""
 from __future__ import annotations
 
 import argparse
@@ -61,7 +61,7 @@ def _csv_ints(text: str, what: str) -> list[int]:
 
 
 def _bench_main(args: argparse.Namespace) -> int:
-    from .bench import bench_scheduler
+    from fastserve.scheduler.sim.bench import bench_scheduler
 
     sizes = _csv_ints(args.waiting, "--waiting")
     try:
@@ -81,13 +81,13 @@ def _bench_main(args: argparse.Namespace) -> int:
 
 
 def _sim_main(args: argparse.Namespace) -> int:
-    from fastserve.kvstore.placement import KV_POLICY_NAMES
+    from fastserve.scheduler.core.placement import KV_POLICY_NAMES
 
-    from .cost_model import CostModel, ProfileError
-    from .policies import POLICY_NAMES
-    from .sim import SimConfig, simulate
-    from .sweep import max_rate_at_slo
-    from .workload import PRESETS, TraceError, make_workload
+    from fastserve.scheduler.core.cost_model import CostModel, ProfileError
+    from fastserve.scheduler.core.policies import POLICY_NAMES
+    from fastserve.scheduler.sim.simulator import SimConfig, simulate
+    from fastserve.scheduler.sim.sweep import max_rate_at_slo
+    from fastserve.scheduler.sim.workload import PRESETS, TraceError, make_workload
 
     def fail(msg: str) -> int:
         print(f"error: {msg}", file=sys.stderr)
@@ -145,7 +145,7 @@ def _sim_main(args: argparse.Namespace) -> int:
     except (ValueError, TraceError, RuntimeError) as exc:
         return fail(str(exc))
     if args.plot:
-        from .plot import plot
+        from fastserve.scheduler.sim.plot import plot
 
         plot(args.plot, curves, jcts, out[policies[0]]["slo"],
              f"{args.workload} cv={args.cv} kv={args.kv_policy} rate={args.rate}")

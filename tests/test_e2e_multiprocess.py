@@ -44,7 +44,7 @@ async def test_four_processes_on_rabbitmq_serve_a_request(rabbitmq_url, tiny_mod
     try:
         for service in ("kvstore", "worker", "scheduler", "gateway"):
             logs[service] = open(tmp_path / f"{service}.log", "wb")
-            procs[service] = subprocess.Popen([sys.executable, "-m", "fastserve.common.cli", service], env=env,
+            procs[service] = subprocess.Popen([sys.executable, "-m", "fastserve.deploy.cli", service], env=env,
                                               stdout=logs[service], stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
         try:

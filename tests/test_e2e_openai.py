@@ -13,7 +13,7 @@ import uuid
 import aiohttp
 import pytest
 
-from fastserve.common.up import NodeConfig, Stack
+from fastserve.deploy.launcher import NodeConfig, Stack
 
 
 def free_port() -> int:
@@ -37,7 +37,7 @@ async def wait_healthy(base_url: str, timeout: float = 30.0) -> None:
 
 def fastserve_generate(model_dir, prompt: str, max_tokens: int, chat: bool = False) -> dict:
     """What `fastserve generate --json` prints for one greedy prompt."""
-    from fastserve.common.cli import main
+    from fastserve.deploy.cli import main
 
     out = io.StringIO()
     argv = ["generate", "--model", str(model_dir), "--prompt", prompt, "--max-tokens", str(max_tokens),

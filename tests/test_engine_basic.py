@@ -4,9 +4,9 @@ import json
 import pytest
 
 from fastserve.gpu_worker.batch import SeqWork
-from fastserve.gpu_worker.config import UnsupportedModelError
+from fastserve.common.model_config import UnsupportedModelError
 from fastserve.gpu_worker.engine import Engine
-from fastserve.gpu_worker.sampling import SamplingParams
+from fastserve.common.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
 

@@ -5,7 +5,7 @@ import torch
 
 from fastserve.gpu_worker.batch import SeqWork
 from fastserve.gpu_worker.engine import Engine
-from fastserve.gpu_worker.sampling import SamplingParams
+from fastserve.common.sampling_params import SamplingParams
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
 

@@ -1,5 +1,5 @@
 """Chat template rendering and incremental detokenization."""
-from fastserve.gpu_worker.tokenizer import ChatTemplate, IncrementalDetokenizer, apply_chat_template, load_tokenizer
+from fastserve.common.tokenizer import ChatTemplate, IncrementalDetokenizer, apply_chat_template, load_tokenizer
 
 
 def test_chat_template_renders_chatml(tiny_model_dir):

@@ -95,7 +95,7 @@ async def test_completion_streaming_matches_non_streaming(memory_bus, tiny_model
 
 
 async def test_chat_streaming_and_not(memory_bus, tiny_model_dir, tok):
-    from fastserve.gpu_worker.tokenizer import apply_chat_template
+    from fastserve.common.tokenizer import apply_chat_template
 
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
     ids = tok.encode(apply_chat_template(tiny_model_dir, messages), add_special_tokens=False).ids

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from fastserve.kvstore.placement import make_kv_policy
-from fastserve.scheduler.config import SchedulerCoreConfig
-from fastserve.scheduler.core import SchedulerCore
-from fastserve.scheduler.cost_model import CostModel
-from fastserve.scheduler.types import IterationResult, JobSpec
+from fastserve.scheduler.core.placement import make_kv_policy
+from fastserve.scheduler.core.config import SchedulerCoreConfig
+from fastserve.scheduler.core.scheduler import SchedulerCore
+from fastserve.scheduler.core.cost_model import CostModel
+from fastserve.scheduler.core.types import IterationResult, JobSpec
 
 # prefill_time(T) = 1 ms * T exactly; decode_time(B, L) = 10 ms + 1 ms * B.
 LINEAR = CostModel.from_dict({

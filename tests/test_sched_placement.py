@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastserve.kvstore.placement import Cand, PlacementView, make_kv_policy
+from fastserve.scheduler.core.placement import Cand, PlacementView, make_kv_policy
 
 
 def view(free=2, pending=0, free_host=100, host_used=0, blocked=(), want=(), resident=(), swapped=(), total=100):
@@ -84,7 +84,7 @@ def test_enst_ties_are_broken_by_priority():
 
 
 def test_enst_work_ahead_by_level():
-    from fastserve.scheduler.enst import enst, work_ahead_by_level
+    from fastserve.scheduler.core.enst import enst, work_ahead_by_level
 
     # quanta 1, 2, 4 s; two jobs in Q0 (0.5 s used), one in Q1 (0.5 s used).
     base = work_ahead_by_level([2, 1, 0], [0.5, 0.5, 0.0], [1.0, 2.0, 4.0])
@@ -96,10 +96,10 @@ def test_enst_work_ahead_by_level():
 
 
 def test_core_offloads_the_job_that_will_run_last():
-    from fastserve.scheduler.config import SchedulerCoreConfig
-    from fastserve.scheduler.core import SchedulerCore
-    from fastserve.scheduler.cost_model import CostModel
-    from fastserve.scheduler.types import IterationResult, JobSpec
+    from fastserve.scheduler.core.config import SchedulerCoreConfig
+    from fastserve.scheduler.core.scheduler import SchedulerCore
+    from fastserve.scheduler.core.cost_model import CostModel
+    from fastserve.scheduler.core.types import IterationResult, JobSpec
 
     cfg = SchedulerCoreConfig(policy="mlfq", max_batch_size=1, num_gpu_blocks=20, num_host_blocks=40,
                               block_size=4, base_quantum=0.01, starvation_threshold=100.0)
@@ -148,10 +148,10 @@ def test_small_host_pool_and_slow_link_make_progress(kv):
     up before were evicted for jobs that could not run, uploads dropped other
     jobs' KV in turn, and `reactive` stalled with every GPU block held
     (seed 0) or dropped each job ~2.6 times (`proactive`)."""
-    from fastserve.scheduler.core import SchedulerCore
-    from fastserve.scheduler.cost_model import CostModel
-    from fastserve.scheduler.sim import SimConfig, simulate
-    from fastserve.scheduler.workload import make_workload
+    from fastserve.scheduler.core.scheduler import SchedulerCore
+    from fastserve.scheduler.core.cost_model import CostModel
+    from fastserve.scheduler.sim.simulator import SimConfig, simulate
+    from fastserve.scheduler.sim.workload import make_workload
 
     limit = 20_000
     schedule = SchedulerCore.schedule

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from fastserve.common.cli import main
+from fastserve.deploy.cli import main
 from fastserve.common.config import ConfigError, config_from_args
-from fastserve.common.up import NodeConfig, ensure_default_model
+from fastserve.deploy.launcher import NodeConfig, ensure_default_model
 
 
 def test_every_flag_comes_from_the_environment_and_flags_win():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastserve.kvstore.host_pool import HostKVPool, PoolSpec, kv_bytes_per_block
+from fastserve.common.host_pool import HostKVPool, PoolSpec, kv_bytes_per_block
 from fastserve.kvstore.service import PlacementTable
 
 

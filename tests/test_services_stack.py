@@ -12,7 +12,7 @@ import pytest
 
 from fastserve.common import names
 from fastserve.common.schemas import JobCancel, JobSubmit, TokenEvent, decode, encode
-from fastserve.common.up import NodeConfig, Stack
+from fastserve.deploy.launcher import NodeConfig, Stack
 
 
 class Client:
@@ -73,7 +73,7 @@ def prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
 
 def offline_greedy(model_dir, prompt_list, max_tokens) -> list[list[int]]:
     from fastserve.gpu_worker.llm import LLM
-    from fastserve.gpu_worker.sampling import SamplingParams
+    from fastserve.common.sampling_params import SamplingParams
 
     llm = LLM(str(model_dir), num_gpu_blocks=256)
     outs = llm.generate(prompt_list, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))

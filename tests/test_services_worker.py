@@ -38,7 +38,7 @@ async def _worker(bus, model_dir, replica, host_blocks=0, pool_path=None):
 
 def _greedy(model_dir, prompt, n):
     from fastserve.gpu_worker.llm import LLM
-    from fastserve.gpu_worker.sampling import SamplingParams
+    from fastserve.common.sampling_params import SamplingParams
 
     out = LLM(str(model_dir), num_gpu_blocks=64).generate([prompt], SamplingParams(temperature=0.0, max_tokens=n))
     return out[0].token_ids
@@ -100,7 +100,7 @@ async def test_worker_runs_commands_with_deltas_like_the_engine(memory_bus, tiny
 
 
 async def test_worker_offload_and_upload_through_the_shared_pool(memory_bus, tiny_model_dir, tmp_path):
-    from fastserve.kvstore.host_pool import HostKVPool, PoolSpec, kv_bytes_per_block
+    from fastserve.common.host_pool import HostKVPool, PoolSpec, kv_bytes_per_block
 
     replica = f"r{uuid.uuid4().hex[:6]}"
     pool = HostKVPool.create(PoolSpec(str(tmp_path / "pool.bin"), 8, kv_bytes_per_block(tiny_model_dir, 16)))

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from fastserve.scheduler.cost_model import CostModel
-from fastserve.scheduler.sim import SimConfig, simulate
-from fastserve.scheduler.workload import TraceJob
+from fastserve.scheduler.core.cost_model import CostModel
+from fastserve.scheduler.sim.simulator import SimConfig, simulate
+from fastserve.scheduler.sim.workload import TraceJob
 
 
 def _model(decode=0.010, prefill_fixed=0.010, per_token=0.001) -> CostModel:

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from fastserve.common.cli import main
-from fastserve.scheduler.cost_model import CostModel
-from fastserve.scheduler.sim import SimConfig, simulate
-from fastserve.scheduler.workload import synthetic
+from fastserve.deploy.cli import main
+from fastserve.scheduler.core.cost_model import CostModel
+from fastserve.scheduler.sim.simulator import SimConfig, simulate
+from fastserve.scheduler.sim.workload import synthetic
 
 COST = CostModel.default()
 

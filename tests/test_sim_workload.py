@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from fastserve.scheduler.cost_model import CostModel, ProfileError
-from fastserve.scheduler.workload import TraceError, arrivals, load_trace, make_workload, synthetic
+from fastserve.scheduler.core.cost_model import CostModel, ProfileError
+from fastserve.scheduler.sim.workload import TraceError, arrivals, load_trace, make_workload, synthetic
 
 
 def test_synthetic_sharegpt_matches_published_means_and_caps():
@@ -97,7 +97,7 @@ def test_cost_model_interpolates_and_rejects_bad_profiles(tmp_path):
 
 
 def test_iteration_time_pays_attention_per_sequence():
-    from fastserve.scheduler.types import BatchEntry
+    from fastserve.scheduler.core.types import BatchEntry
 
     cm = CostModel.default()
     one = cm.iteration_time([BatchEntry("a", True, 512, 0, [])])

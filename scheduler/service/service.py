@@ -10,8 +10,8 @@ the command of iteration i+1, so they travel while the worker computes.
 outstanding batches out of new ones).
 
 Beside this module: job_table.py (per-job state, the commands' deltas),
-service_state.py (the synchronous state changes), service_config.py (config,
-`build_core`), loop_stats.py (loop timings, `SchedulerStats`).
+state.py (the synchronous state changes), config.py (config, `build_core`),
+loop_stats.py (loop timings, `SchedulerStats`).
 """
 from __future__ import annotations
 
@@ -28,11 +28,11 @@ from fastserve.common.schemas import (
     BatchCommand, BatchResult, Heartbeat, JobCancel, JobSubmit, KVCopyDone, KVPlan, SchedulerStats, TokenEvent,
     decode, encode,
 )
-from fastserve.scheduler.job_table import JobTable, WorkerInfo
-from fastserve.scheduler.loop_stats import LoopTimes, stats_message
-from fastserve.scheduler.service_config import SchedulerServiceConfig, build_core
-from fastserve.scheduler.service_state import ServiceState
-from fastserve.scheduler.types import IterationResult
+from fastserve.scheduler.service.job_table import JobTable, WorkerInfo
+from fastserve.scheduler.service.loop_stats import LoopTimes, stats_message
+from fastserve.scheduler.service.config import SchedulerServiceConfig, build_core
+from fastserve.scheduler.service.state import ServiceState
+from fastserve.scheduler.core.types import IterationResult
 
 log = structlog.get_logger("fastserve.scheduler")
 

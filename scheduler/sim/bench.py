@@ -9,12 +9,12 @@ import time
 
 import numpy as np
 
-from fastserve.kvstore.placement import make_kv_policy
+from fastserve.scheduler.core.placement import make_kv_policy
 
-from .config import SchedulerCoreConfig
-from .core import SchedulerCore
-from .cost_model import CostModel
-from .types import IterationResult, JobSpec
+from fastserve.scheduler.core.config import SchedulerCoreConfig
+from fastserve.scheduler.core.scheduler import SchedulerCore
+from fastserve.scheduler.core.cost_model import CostModel
+from fastserve.scheduler.core.types import IterationResult, JobSpec
 
 
 def bench_one(waiting: int, batch: int, *, policy: str = "sj-mlfq", kv_policy: str = "proactive",

@@ -8,8 +8,8 @@ import time
 from dataclasses import dataclass, field
 
 from fastserve.common.schemas import BatchCommand, JobSubmit, TokenEvent
-from fastserve.gpu_worker.sampling import SamplingParams
-from fastserve.scheduler.types import JobSpec
+from fastserve.common.sampling_params import SamplingParams
+from fastserve.scheduler.core.types import JobSpec
 
 
 @dataclass

@@ -77,7 +77,7 @@ class NodeConfig:
 
     # ------------------------------------------------------------------ per-service configs
     def scheduler_config(self, **kw):
-        from fastserve.scheduler.service import SchedulerServiceConfig
+        from fastserve.scheduler.service.service import SchedulerServiceConfig
 
         return SchedulerServiceConfig(
             replica=self.replica, model=self.model_name(), policy=self.policy, kv_policy=self.kv_policy,
@@ -147,7 +147,7 @@ class Stack:
             self.worker = WorkerService(cfg.worker_config(), self.bus)
             starts.append(self.worker.start())
         if "scheduler" in self.services:
-            from fastserve.scheduler.service import SchedulerService
+            from fastserve.scheduler.service.service import SchedulerService
 
             self.scheduler = SchedulerService(cfg.scheduler_config(), self.bus)
             starts.append(self.scheduler.start())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import heapq
 
-from .job import Job, Loc
+from fastserve.scheduler.core.job import Job, Loc
 
 
 class Level:

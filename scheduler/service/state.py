@@ -13,8 +13,8 @@ from collections import OrderedDict
 import structlog
 
 from fastserve.common.schemas import BatchResult, JobSubmit, KVCopyDone, TokenEvent
-from fastserve.scheduler.job_table import Job, JobTable
-from fastserve.scheduler.types import IterationResult
+from fastserve.scheduler.service.job_table import Job, JobTable
+from fastserve.scheduler.core.types import IterationResult
 
 log = structlog.get_logger("fastserve.scheduler")
 

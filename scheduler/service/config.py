@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from fastserve.scheduler.job_table import WorkerInfo
+from fastserve.scheduler.service.job_table import WorkerInfo
 
 
 @dataclass
@@ -48,10 +48,10 @@ class SchedulerServiceConfig:
 
 def build_core(config: SchedulerServiceConfig, worker: WorkerInfo):
     """The SchedulerCore for this replica, sized by what the worker has."""
-    from fastserve.kvstore.placement import make_kv_policy
-    from fastserve.scheduler.config import SchedulerCoreConfig
-    from fastserve.scheduler.core import SchedulerCore
-    from fastserve.scheduler.cost_model import CostModel
+    from fastserve.scheduler.core.placement import make_kv_policy
+    from fastserve.scheduler.core.config import SchedulerCoreConfig
+    from fastserve.scheduler.core.scheduler import SchedulerCore
+    from fastserve.scheduler.core.cost_model import CostModel
 
     num_gpu = min(config.gpu_kv_blocks or worker.num_gpu_blocks, worker.num_gpu_blocks)
     cost = CostModel.from_profile(config.profile) if config.profile else CostModel.default(worker.block_size)

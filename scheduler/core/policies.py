@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .cost_model import CostModel
+from fastserve.scheduler.core.cost_model import CostModel
 
 POLICY_NAMES = ("sj-mlfq", "mlfq", "fcfs", "srpt")
 

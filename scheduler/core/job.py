@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from .types import JobSpec
+from fastserve.scheduler.core.types import JobSpec
 
 
 class Loc(Enum):

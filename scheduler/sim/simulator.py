@@ -17,14 +17,14 @@ import bisect
 import heapq
 from dataclasses import dataclass, field
 
-from fastserve.kvstore.placement import make_kv_policy
+from fastserve.scheduler.core.placement import make_kv_policy
 
-from .config import SchedulerCoreConfig
-from .core import SchedulerCore
-from .cost_model import CostModel
-from .metrics import JobRecord, summarize
-from .types import IterationResult, JobSpec
-from .workload import MAX_TOTAL, TraceJob
+from fastserve.scheduler.core.config import SchedulerCoreConfig
+from fastserve.scheduler.core.scheduler import SchedulerCore
+from fastserve.scheduler.core.cost_model import CostModel
+from fastserve.scheduler.sim.metrics import JobRecord, summarize
+from fastserve.scheduler.core.types import IterationResult, JobSpec
+from fastserve.scheduler.sim.workload import MAX_TOTAL, TraceJob
 
 UNLIMITED_BLOCKS = 1 << 20
 

@@ -1,4 +1,5 @@
-"""The one `fastserve` command. Each service folder contributes its own
+"""The one `fastserve` command (the top of the dependency graph: it may name
+every service; services only import common). Each service folder contributes its own
 subcommands through a `cli.py` with `register(subparsers)`; imports stay lazy
 so that `fastserve --help` does not import torch."""
 from __future__ import annotations
@@ -11,9 +12,8 @@ import sys
 _COMMAND_MODULES = (
     "fastserve.gpu_worker.cli",  # make-model, generate, profile, worker
     "fastserve.scheduler.cli",  # sim, bench, scheduler
-    "fastserve.kvstore.cli",  # kvstore
     "fastserve.gateway.cli",  # gateway
-    "fastserve.common.up",  # up
+    "fastserve.deploy.launcher",  # up, scheduler, worker, kvstore
 )
 
 
@@ -25,13 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue  # that part of the system is not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

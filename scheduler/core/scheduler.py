@@ -13,16 +13,16 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
-from fastserve.kvstore.placement import KVPlacementPolicy, PlacementPlan
+from fastserve.scheduler.core.placement import KVPlacementPolicy, PlacementPlan
 
-from .block_pool import BlockPool
-from .config import SchedulerCoreConfig
-from .cost_model import CostModel
-from .core_kv import KVPlacementMixin
-from .job import Job, Loc
-from .levels import Level, PrioritySet
-from .policies import make_policy
-from .types import BatchEntry, IterationResult, JobSpec, ScheduleDecision
+from fastserve.scheduler.core.block_pool import BlockPool
+from fastserve.scheduler.core.config import SchedulerCoreConfig
+from fastserve.scheduler.core.cost_model import CostModel
+from fastserve.scheduler.core.kv_manager import KVPlacementMixin
+from fastserve.scheduler.core.job import Job, Loc
+from fastserve.scheduler.core.levels import Level, PrioritySet
+from fastserve.scheduler.core.policies import make_policy
+from fastserve.scheduler.core.types import BatchEntry, IterationResult, JobSpec, ScheduleDecision
 
 __all__ = ["SchedulerCore", "SchedulerCoreConfig", "SchedulerStats"]
 

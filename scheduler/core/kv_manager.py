@@ -6,14 +6,14 @@ from __future__ import annotations
 import bisect
 from typing import TYPE_CHECKING
 
-from fastserve.kvstore.placement import Cand, PlacementPlan, PlacementView
+from fastserve.scheduler.core.placement import Cand, PlacementPlan, PlacementView
 
-from .enst import enst, work_ahead_by_level
-from .job import Job, Loc
-from .types import KVMove
+from fastserve.scheduler.core.enst import enst, work_ahead_by_level
+from fastserve.scheduler.core.job import Job, Loc
+from fastserve.scheduler.core.types import KVMove
 
 if TYPE_CHECKING:
-    from .core import _Walk
+    from fastserve.scheduler.core.scheduler import _Walk
 
 
 class KVPlacementMixin:

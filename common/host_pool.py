@@ -24,7 +24,7 @@ def kv_bytes_per_block(model_dir: str | Path, block_size: int, dtype: str = "flo
     Computed here so the KV store can size the pool without loading the model;
     the worker checks it against `Engine.bytes_per_block` when it attaches.
     """
-    from fastserve.gpu_worker.config import ModelConfig  # the engine's own reading of config.json
+    from fastserve.common.model_config import ModelConfig  # the engine's own reading of config.json
 
     if dtype not in _DTYPE_BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPE_BYTES)}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .policies import POLICY_NAMES
+from fastserve.scheduler.core.policies import POLICY_NAMES
 
 
 @dataclass
