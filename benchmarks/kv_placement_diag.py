@@ -37,7 +37,7 @@ def run(args: argparse.Namespace, kv: str) -> dict:
 
         def plan(self, view):
             if view.host_used:
-                res, sw = view.candidates()
+                res, sw = view.resident(), view.swapped()
                 idle = [c for c in res if not c.in_batch]
                 plans["plans_with_swapped"] += 1
                 plans["residents"] += len(res)

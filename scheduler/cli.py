@@ -46,6 +46,8 @@ def register(subparsers) -> None:
     s.add_argument("--policy", default="sj-mlfq")
     s.add_argument("--kv-policy", default="proactive")
     s.add_argument("--iterations", type=int, default=2000)
+    s.add_argument("--regime", default="roomy,pressure",
+                   help="roomy (GPU pool of 4096 blocks) and/or pressure (pool full, jobs swapped, copies in flight)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_bench_main)
 
@@ -65,7 +67,8 @@ def _bench_main(args: argparse.Namespace) -> int:
 
     sizes = _csv_ints(args.waiting, "--waiting")
     try:
-        res = bench_scheduler(sizes, args.batch, policy=args.policy, kv_policy=args.kv_policy,
+        regimes = tuple(x.strip() for x in args.regime.split(",") if x.strip())
+        res = bench_scheduler(sizes, args.batch, regimes, policy=args.policy, kv_policy=args.kv_policy,
                               iterations=args.iterations)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -73,10 +76,13 @@ def _bench_main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res, indent=2))
     else:
-        print(f"policy {res['policy']}, batch {res['batch']}: one schedule()+update()")
-        for n, r in res["waiting"].items():
-            print(f"  waiting {int(n):>7}: p50 {r['p50_us']:8.1f} us   p99 {r['p99_us']:8.1f} us")
-        print(f"  p99 growth, largest vs smallest: {res['p99_ratio_largest_vs_smallest']:.2f}x")
+        print(f"policy {res['policy']}, kv {res['kv_policy']}, batch {res['batch']}: one schedule()+update()")
+        for regime in regimes:
+            print(f" {regime}:")
+            for n, r in res[regime]["waiting"].items():
+                print(f"  waiting {int(n):>7}: p50 {r['p50_us']:8.1f} us   p99 {r['p99_us']:8.1f} us   "
+                      f"swapped {r['mean_jobs_swapped']:6.1f}")
+            print(f"  p99 growth, largest vs smallest: {res[regime]['p99_ratio_largest_vs_smallest']:.2f}x")
     return 0
 
 

@@ -9,7 +9,7 @@ from fastserve.scheduler.core.placement import Cand, PlacementView, make_kv_poli
 def view(free=2, pending=0, free_host=100, host_used=0, blocked=(), want=(), resident=(), swapped=(), total=100):
     return PlacementView(num_gpu_blocks=total, free_gpu=free, pending_free_gpu=pending, free_host=free_host,
                          host_used=host_used, blocked=list(blocked), want_upload=list(want),
-                         candidates=lambda: (list(resident), list(swapped)))
+                         resident=lambda: list(resident), swapped=lambda: list(swapped))
 
 
 RESIDENT = [Cand("a", 10, 1.0), Cand("b", 10, 5.0), Cand("c", 10, 3.0), Cand("d", 10, 9.0, in_batch=True)]
@@ -116,7 +116,7 @@ def test_core_offloads_the_job_that_will_run_last():
     core.add_job(JobSpec("d", 0.0, 16, 4), 0.0)
     d = core.schedule(0.0)
     assert [e.job_id for e in d.batch] == ["d"] and [m.job_id for m in d.offloads] == ["c"]
-    assert d.offloads[0].src_blocks == [8, 9, 10, 11]
+    assert d.offloads[0].gpu_blocks == [8, 9, 10, 11]
 
 
 @pytest.mark.parametrize("name", ["reactive", "proactive"])

@@ -34,12 +34,18 @@ class SchedulerCoreConfig:
     # memory, swapped out) are considered, and at most this many offload and
     # upload candidates are ranked by ENST: bounds schedule() under memory pressure.
     max_candidates: int = 64
+    # A job with an iteration in flight may be scheduled again this many
+    # iterations after it last was: 1 on one worker (it runs in consecutive
+    # iterations, fed its own sampled token), P on a pipeline of P stages (its
+    # token must come back from the last stage before the first runs it again).
+    reschedule_gap: int = 1
 
     def __post_init__(self) -> None:
         if self.policy not in POLICY_NAMES:
             raise ValueError(f"unknown scheduling policy {self.policy!r}; choose one of {', '.join(POLICY_NAMES)}")
         for name in ("max_batch_size", "max_tokens_per_batch", "block_size", "num_gpu_blocks",
-                     "max_model_len", "num_queues", "typical_batch", "max_promotions_per_iteration", "max_candidates"):
+                     "max_model_len", "num_queues", "typical_batch", "max_promotions_per_iteration", "max_candidates",
+                     "reschedule_gap"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_host_blocks < 0:

@@ -17,7 +17,8 @@ class Loc(Enum):
 class Job:
     __slots__ = ("spec", "level", "key", "seq", "charge", "num_computed", "num_generated",
                  "gpu_blocks", "host_blocks", "loc", "started", "in_flight", "starve_clock",
-                 "join_level", "cancelled", "reserved")
+                 "join_level", "cancelled", "reserved", "move_id", "num_scheduled", "pending_samples",
+                 "last_iteration")
 
     def __init__(self, spec: JobSpec, level: int, now: float) -> None:
         self.spec = spec
@@ -26,10 +27,17 @@ class Job:
         self.key: tuple[int, ...] = ()
         self.seq = 0
         self.charge = 0.0  # service received in the current level (seconds)
-        self.num_computed = 0  # tokens in the KV cache
-        self.num_generated = 0
+        self.num_computed = 0  # tokens in the KV cache (iterations whose result is back)
+        self.num_generated = 0  # tokens sampled (results back)
+        # Iterations in flight: the tokens they were given and how many will
+        # sample. The next iteration may start where they end, before their
+        # results are back (the worker feeds the job its own sampled token).
+        self.num_scheduled = 0
+        self.pending_samples = 0
+        self.last_iteration = -1
         self.gpu_blocks: list[int] = []
-        self.host_blocks: list[int] = []
+        self.host_blocks = 0  # blocks it holds in the KV store's host pool
+        self.move_id: int | None = None  # its KV move in flight
         self.loc = Loc.NONE
         self.started = False  # in its level's started list (else in the fresh heap)
         self.in_flight = 0  # number of outstanding iterations it takes part in
@@ -43,8 +51,15 @@ class Job:
 
     @property
     def known_tokens(self) -> int:
-        """Prompt plus generated tokens: what the KV must eventually hold."""
-        return self.spec.input_len + self.num_generated
+        """Prompt plus generated tokens, those still in flight included: what
+        the KV must eventually hold."""
+        return self.spec.input_len + self.num_generated + self.pending_samples
+
+    @property
+    def can_sample_more(self) -> bool:
+        """False once the iterations in flight reach max_tokens: another one
+        would compute a token past the end."""
+        return self.num_generated + self.pending_samples < self.spec.max_tokens
 
     @property
     def remaining_tokens(self) -> int:

@@ -72,6 +72,10 @@ class Level:
         self.keys.insert(i, job.key)
         self.jobs.insert(i, job)
 
+    def position(self, job: Job) -> int:
+        """Started jobs of this level ahead of `job`."""
+        return bisect.bisect_left(self.keys, job.key)
+
     def push_back(self, job: Job) -> None:
         heapq.heappush(self.fresh, (job.key, job.id, job))
 

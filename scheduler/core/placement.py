@@ -47,8 +47,11 @@ class PlacementView:
     blocked: list[Cand]
     # Swapped-out jobs that would run now if their KV were on the GPU (priority order).
     want_upload: list[Cand]
-    # Lazily computed (costs O(jobs with KV)): (resident, swapped) movable jobs with ENST.
-    candidates: Callable[[], tuple[list[Cand], list[Cand]]]
+    # Computed only when a plan needs them (each costs ENST estimates): idle
+    # resident jobs, the lowest-priority first (offload and drop victims), and
+    # swapped-out jobs, the highest-priority first (upload candidates).
+    resident: Callable[[], list[Cand]]
+    swapped: Callable[[], list[Cand]]
 
 
 @dataclass
@@ -92,7 +95,7 @@ class ReactivePlacement(KVPlacementPolicy):
     def plan(self, view: PlacementView) -> PlacementPlan:
         plan = PlacementPlan()
         if view.blocked or view.want_upload:
-            self._react(view, _State(view, view.candidates()[0]), plan)
+            self._react(view, _State(view), plan)
         return plan
 
     def _react(self, view: PlacementView, st: "_State", plan: PlacementPlan) -> None:
@@ -134,8 +137,7 @@ class ProactivePlacement(ReactivePlacement):
         low = view.free_gpu + view.pending_free_gpu < wm
         if not (view.blocked or view.want_upload or low or (view.host_used and view.free_gpu >= rs)):
             return plan  # nothing wanted, nothing to offload, nothing (or no room) to upload
-        resident, swapped = view.candidates()
-        st = _State(view, resident)
+        st = _State(view)
         self._react(view, st, plan)
         # Offload ahead of need: idle jobs only (the batch runs now), latest ENST first.
         for c in st.victims():
@@ -147,7 +149,7 @@ class ProactivePlacement(ReactivePlacement):
         if st.free + st.pending < wm or plan.offload or plan.drop:
             return plan  # not the moment to bring anything back
         uploaded = set(plan.upload)
-        for c in sorted(swapped, key=lambda c: (c.enst, c.rank)):
+        for c in sorted(view.swapped(), key=lambda c: (c.enst, c.rank)):
             if c.job_id in uploaded:
                 continue
             if st.free - c.blocks < rs:
@@ -160,19 +162,23 @@ class ProactivePlacement(ReactivePlacement):
 class _State:
     """Block accounting while a plan is being made."""
 
-    def __init__(self, view: PlacementView, resident: list[Cand]) -> None:
+    def __init__(self, view: PlacementView) -> None:
         self.free = view.free_gpu
         self.pending = view.pending_free_gpu
         self.host = view.free_host
-        self.resident = resident
+        self._resident = view.resident
         self.taken: set[str] = set()
         self._sorted: list[Cand] | None = None
+        self._start = 0  # victims before this index are all taken
+
+    def sorted_victims(self) -> list[Cand]:
+        """Idle resident jobs, latest ENST (then lowest priority) first."""
+        if self._sorted is None:
+            self._sorted = sorted(self._resident(), key=lambda c: (c.enst, c.rank), reverse=True)
+        return self._sorted
 
     def victims(self) -> list[Cand]:
-        if self._sorted is None:
-            # Latest ENST (then lowest priority) first.
-            self._sorted = sorted(self.resident, key=lambda c: (c.enst, c.rank), reverse=True)
-        return [c for c in self._sorted if c.job_id not in self.taken]
+        return [c for c in self.sorted_victims() if c.job_id not in self.taken]
 
     def evict(self, c: Cand, plan: PlacementPlan, swap: bool) -> None:
         self.taken.add(c.job_id)
@@ -193,10 +199,19 @@ class _State:
         if self.free + self.pending >= c.blocks:
             self._consume(c.blocks)
             return
-        for v in self.victims():
-            if self.free + self.pending >= c.blocks:
+        if not allow_drop and not (swap and self.host > 0):
+            return  # nothing may be evicted
+        vs = self.sorted_victims()
+        i = self._start
+        while i < len(vs) and vs[i].job_id in self.taken:
+            i += 1
+        self._start = i  # evictions take victims from the front: skip them once
+        for i in range(i, len(vs)):
+            v = vs[i]
+            # Sorted latest first: once one is not later than `c`, none after it is.
+            if self.free + self.pending >= c.blocks or not v.later_than(c):
                 break
-            if not v.later_than(c) or v.job_id == c.job_id or (for_upload and v.landed):
+            if v.job_id in self.taken or v.job_id == c.job_id or (for_upload and v.landed):
                 continue
             if swap and self.host >= v.blocks:
                 self.evict(v, plan, swap)  # a copy: cheap enough to preempt a running job for

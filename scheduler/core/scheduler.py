@@ -1,31 +1,35 @@
 """SchedulerCore: the pure, synchronous scheduler that the scheduler service,
-the simulator and the benchmark all drive.
+the simulator, the offline LLM and the benchmark all drive.
 
 Protocol: add_job() as jobs arrive; each iteration schedule(now) -> decision,
-the caller runs the batch (and starts the KV copies it lists), then
-update(IterationResult) and copy_done() for every copy that finished.
-Pipelining: schedule() may be called again before update(); jobs of batches
-still outstanding are left out of the new batch and never moved or freed
-until their update() arrives (one update per decision, any order).
+the caller runs the batch (and starts the KV moves it lists), then
+update(IterationResult) once per decision and copy_done() for every move
+that ended.
+
+Asynchronous iterations: schedule() may be called again before the previous
+decision's update() arrives. A job whose iteration is still in flight may be
+in the next batch too (once `reschedule_gap` iterations have passed since it
+last ran: 1 on one worker, the number of pipeline stages on a pipeline): it
+continues where the iteration in flight ends, and the worker feeds it the
+token that iteration samples. A job is never moved or freed while an
+iteration or a copy uses its blocks. update()s of one job arrive in order.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
-from fastserve.scheduler.core.placement import KVPlacementPolicy, PlacementPlan
-
-from fastserve.scheduler.core.block_pool import BlockPool
 from fastserve.scheduler.core.config import SchedulerCoreConfig
 from fastserve.scheduler.core.cost_model import CostModel
-from fastserve.scheduler.core.kv_manager import KVPlacementMixin
+from fastserve.scheduler.core.enst import enst, work_ahead_by_level
 from fastserve.scheduler.core.job import Job, Loc
-from fastserve.scheduler.core.levels import Level, PrioritySet
+from fastserve.scheduler.core.kv_manager import KVManager
+from fastserve.scheduler.core.levels import Level
+from fastserve.scheduler.core.placement import Cand, KVPlacementPolicy, PlacementPlan, PlacementView
 from fastserve.scheduler.core.policies import make_policy
-from fastserve.scheduler.core.types import BatchEntry, IterationResult, JobSpec, ScheduleDecision
+from fastserve.scheduler.core.types import BatchEntry, IterationResult, JobSpec, KVMove, ScheduleDecision
 
 __all__ = ["SchedulerCore", "SchedulerCoreConfig", "SchedulerStats"]
-
 
 
 @dataclass
@@ -39,6 +43,7 @@ class SchedulerStats:
     drops: int = 0
     finished: int = 0
     cancelled: int = 0
+    recomputed: int = 0  # jobs that lost their KV with a worker or the KV store
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -47,13 +52,13 @@ class SchedulerStats:
 @dataclass
 class _Walk:
     batch: list[tuple[Job, int]]  # (job, new tokens)
-    blocked: list[tuple[Job, int, int]]  # (job, blocks needed, position in level)
-    want_upload: list[tuple[Job, int]]  # (job, position in level)
+    blocked: list[tuple[Job, int]]  # (job, blocks needed)
+    want_upload: list[Job]
     popped: list[Job]  # never-run jobs popped from their heap for this batch
     free: int  # GPU blocks left after the batch
 
 
-class SchedulerCore(KVPlacementMixin):
+class SchedulerCore:
     def __init__(self, config: SchedulerCoreConfig, cost_model: CostModel, kv_policy: KVPlacementPolicy) -> None:
         self.config = config
         self.cost_model = cost_model
@@ -68,21 +73,13 @@ class SchedulerCore(KVPlacementMixin):
         # ENST needs finite quanta even where the policy never demotes.
         self._qf = [self.base_quantum * c.quantum_ratio ** i for i in range(n)]
         self._levels = [Level() for _ in range(n)]
-        self.gpu = BlockPool(c.num_gpu_blocks)
-        self.host = BlockPool(c.num_host_blocks)
+        self.kv = KVManager(c.num_gpu_blocks, c.num_host_blocks, c.block_size, kv_policy.reserve_full_length)
         self._jobs: dict[str, Job] = {}
         self._starve: OrderedDict[str, Job] = OrderedDict()  # least recently run first
         self._seq = 0
         self._iteration = 0
         self._outstanding: dict[int, list[BatchEntry]] = {}
         self._last_batch: set[str] = set()
-        self._reserved = 0  # blocks reserved for whole outputs (kv policy "none")
-        self._pending_free = 0  # GPU blocks that offloads in flight will free
-        # Jobs uploaded back to the GPU that have not run since (see Cand.landed).
-        self._landed: set[str] = set()
-        # Jobs by where their KV is: memory bounds these, not the number of waiting jobs.
-        self._by_loc: dict[Loc, dict[str, Job]] = {loc: {} for loc in Loc if loc is not Loc.NONE}
-        self._ranked = {Loc.GPU: PrioritySet(), Loc.HOST: PrioritySet()}
         self.stats = SchedulerStats()
         self.join_histogram = [0] * n
 
@@ -94,8 +91,8 @@ class SchedulerCore(KVPlacementMixin):
         if total > self.config.max_model_len:
             raise ValueError(f"job {spec.job_id}: input_len + max_tokens = {total} exceeds "
                              f"max_model_len {self.config.max_model_len}")
-        if self._blocks(total) > self.config.num_gpu_blocks:
-            raise ValueError(f"job {spec.job_id}: needs {self._blocks(total)} KV blocks, the GPU pool has "
+        if self.kv.blocks(total) > self.config.num_gpu_blocks:
+            raise ValueError(f"job {spec.job_id}: needs {self.kv.blocks(total)} KV blocks, the GPU pool has "
                              f"{self.config.num_gpu_blocks}")
         job = Job(spec, self.policy.join_level(spec.input_len), now)
         self._set_key(job)
@@ -129,7 +126,7 @@ class SchedulerCore(KVPlacementMixin):
             for job in walk.popped:  # re-walk with the freed blocks
                 self._levels[job.level].push_back(job)
             walk = self._walk()
-        batch = [self._commit(job, n) for job, n in walk.batch]
+        batch = [self._commit(job, n, it) for job, n in walk.batch]
         uploads = self._uploads(plan.upload)
         ids = {e.job_id for e in batch}
         preempted = [jid for jid in self._last_batch if jid not in ids and jid in self._jobs
@@ -140,6 +137,8 @@ class SchedulerCore(KVPlacementMixin):
         return ScheduleDecision(it, batch, offloads, uploads, dropped, preempted)
 
     def update(self, result: IterationResult, now: float) -> None:
+        """Apply the outcome of an iteration (`result.finished`: the jobs whose
+        last token came out of it)."""
         batch = self._outstanding.pop(result.iteration, None)
         if batch is None:
             raise ValueError(f"update for iteration {result.iteration}, which is not outstanding")
@@ -151,6 +150,8 @@ class SchedulerCore(KVPlacementMixin):
                 continue
             job.in_flight -= 1
             assert job.in_flight >= 0
+            if e.sample:
+                job.pending_samples -= 1
             if job.cancelled:
                 self._maybe_release(job)
                 continue
@@ -164,25 +165,45 @@ class SchedulerCore(KVPlacementMixin):
                 self.stats.finished += 1
                 self._retire(job)
 
-    def copy_done(self, job_id: str, direction: str, now: float) -> None:
+    def copy_done(self, job_id: str, move_id: int, now: float, ok: bool = True) -> bool:
+        """A move ended (ok=False: it failed). False for a report that is not
+        about the job's current move (stale, or the job is gone)."""
         job = self._jobs.get(job_id)
         if job is None:
-            raise ValueError(f"copy_done for unknown job {job_id}")
-        if direction == "offload" and job.loc is Loc.TO_HOST:
-            self._pending_free -= len(job.gpu_blocks)
-            self.gpu.free(job.gpu_blocks)
-            job.gpu_blocks = []
-            self._set_loc(job, Loc.HOST)
-        elif direction == "upload" and job.loc is Loc.TO_GPU:
-            self.host.free(job.host_blocks)
-            job.host_blocks = []
-            self._set_loc(job, Loc.GPU)
-            if not job.cancelled:
-                self._landed.add(job_id)
-        else:
-            raise ValueError(f"copy_done({job_id}, {direction!r}) but its KV is {job.loc.value}")
+            return False
+        if not self.kv.copy_done(job, move_id, ok):
+            return False
+        if job.loc is Loc.NONE:
+            self._requeue_for_recompute(job)
         if job.cancelled:
             self._maybe_release(job)
+        return True
+
+    def lose_gpu_kv(self) -> list[str]:
+        """The worker and its KV cache are gone: every iteration in flight is
+        abandoned, jobs whose KV was on the GPU go on by recompute (prefill of
+        prompt + tokens so far). Returns their ids."""
+        self._abandon_outstanding()
+        lost = self.kv.lose_gpu()
+        for job in lost:
+            self._requeue_for_recompute(job)
+        self.stats.recomputed += len(lost)
+        self._last_batch.clear()
+        self._release_settled()
+        return [j.id for j in lost]
+
+    def lose_host_kv(self) -> list[str]:
+        """The KV store and its host pool are gone: swapped-out jobs go on by recompute."""
+        lost = self.kv.lose_host()
+        for job in lost:
+            self._requeue_for_recompute(job)
+        self.stats.recomputed += len(lost)
+        self._release_settled()
+        return [j.id for j in lost]
+
+    def set_host_capacity(self, num_blocks: int) -> None:
+        """Host blocks the KV store offers (0 while there is no KV store)."""
+        self.kv.set_host_capacity(num_blocks)
 
     # ----------------------------------------------------------- inspection
     @property
@@ -205,57 +226,41 @@ class SchedulerCore(KVPlacementMixin):
 
     @property
     def num_swapped(self) -> int:
-        return sum(len(self._by_loc[loc]) - sum(1 for j in self._by_loc[loc].values() if j.cancelled)
-                   for loc in (Loc.HOST, Loc.TO_HOST, Loc.TO_GPU))
+        return self.kv.num_swapped()
 
     @property
     def num_waiting(self) -> int:
-        alive = sum(len(lv) for lv in self._levels)
-        return alive - self.num_running - self.num_swapped
+        return self.num_jobs - self.num_running - self.num_swapped
 
     @property
     def num_jobs(self) -> int:
         return sum(len(lv) for lv in self._levels)
 
+    @property
+    def num_outstanding(self) -> int:
+        return len(self._outstanding)
+
     def queue_lengths(self) -> list[int]:
         return [len(lv) for lv in self._levels]
 
     def gpu_blocks_used(self) -> int:
-        return self.gpu.num_used
+        return self.kv.gpu.num_used
 
     def host_blocks_used(self) -> int:
-        return self.host.num_used
+        return self.kv.host_used
 
     # ------------------------------------------------------------ internals
-    def _blocks(self, tokens: int) -> int:
-        return -(-tokens // self.config.block_size)
-
     def _set_key(self, job: Job) -> None:
         self._seq += 1
         job.seq = self._seq
         job.key = self.policy.key(job.seq, job.remaining_tokens)
 
-    def _set_loc(self, job: Job, loc: Loc) -> None:
-        if job.loc is not Loc.NONE:
-            del self._by_loc[job.loc][job.id]
-            if job.loc in self._ranked:
-                self._ranked[job.loc].discard(job)
-        job.loc = loc
-        if loc is not Loc.NONE:
-            self._by_loc[loc][job.id] = job
-            if loc in self._ranked:
-                self._ranked[loc].add(job)
-
     def _reprioritize(self, job: Job, level: int, key: tuple[int, ...]) -> None:
-        ranked = self._ranked.get(job.loc)
-        if ranked is not None:
-            ranked.discard(job)
-        self._levels[job.level].remove(job)
-        job.level = level
-        job.key = key
-        self._levels[level].add(job)
-        if ranked is not None:
-            ranked.add(job)
+        with self.kv.reranking(job):
+            self._levels[job.level].remove(job)
+            job.level = level
+            job.key = key
+            self._levels[level].add(job)
 
     def _move(self, job: Job, level: int) -> None:
         charge = job.charge
@@ -292,20 +297,32 @@ class SchedulerCore(KVPlacementMixin):
                 self.stats.promotions += 1
                 self._move(job, 0)
 
+    def _runnable(self, job: Job) -> bool:
+        """May `job` be in the next batch, given the iterations it has in flight?"""
+        if not job.in_flight:
+            return True
+        return (self._iteration - job.last_iteration >= self.config.reschedule_gap
+                and job.can_sample_more and job.known_tokens > job.num_scheduled)
+
+    def _take(self, job: Job, tokens_left: int, free: int) -> tuple[int, int]:
+        """(new tokens, blocks needed) for `job` in this batch."""
+        n = min(job.known_tokens - job.num_scheduled, tokens_left)
+        return n, self.kv.need(job, job.num_scheduled + n)
+
     def _walk(self) -> _Walk:
         """Read the levels in priority order and pick this iteration's batch
         without allocating: the highest-priority ready jobs, up to the batch
         size, the token budget and the free blocks. Stops when the batch is full."""
         cfg = self.config
-        bs = cfg.block_size
-        free = self.gpu.num_free
-        reserve_mode = self.kv_policy.reserve_full_length
-        unreserved = cfg.num_gpu_blocks - self._reserved
+        kv = self.kv
+        free = kv.num_free
+        reserve_mode = kv.reserve_full_length
+        unreserved = cfg.num_gpu_blocks - kv.reserved
         tokens_left = cfg.max_tokens_per_batch
         max_b = cfg.max_batch_size
         admit_open = True
-        # Jobs that cannot run (blocked, swapped) are looked at up to a budget,
-        # so memory pressure cannot make one iteration scan every job.
+        # Jobs that cannot run (blocked, swapped, busy) are looked at up to a
+        # budget, so memory pressure cannot make one iteration scan every job.
         budget = cfg.max_candidates
         examined = 0
         w = _Walk([], [], [], [], 0)
@@ -315,33 +332,31 @@ class SchedulerCore(KVPlacementMixin):
             while len(w.batch) < max_b and tokens_left > 0:
                 fresh = lv.peek_fresh(li) if admit_open else None
                 if i < n_started and (fresh is None or keys[i] < fresh.key):
-                    job, pos = jobs[i], i
+                    job = jobs[i]
                     i += 1
                 elif fresh is not None:
-                    job, pos = fresh, i
+                    job = fresh
                 else:
                     break
                 if examined - len(w.batch) >= budget:
                     break
                 examined += 1
-                if job.in_flight or job.cancelled:
+                if job.cancelled or not self._runnable(job):
                     continue
                 loc = job.loc
                 if loc is Loc.GPU:
-                    n = min(job.known_tokens - job.num_computed, tokens_left)
-                    need = -(-(job.num_computed + n) // bs) - len(job.gpu_blocks)
+                    n, need = self._take(job, tokens_left, free)
                     if need <= free:
                         w.batch.append((job, n))
                         free -= need
                         tokens_left -= n
                     else:
-                        w.blocked.append((job, need, pos))
+                        w.blocked.append((job, need))
                 elif loc is Loc.NONE:
                     if not admit_open:
                         continue
-                    n = min(job.known_tokens, tokens_left)
-                    need = -(-n // bs)
-                    full = self._blocks(job.spec.input_len + job.spec.max_tokens)
+                    n, need = self._take(job, tokens_left, free)
+                    full = kv.blocks(job.spec.input_len + job.spec.max_tokens)
                     if need <= free and (not reserve_mode or full <= unreserved):
                         if not job.started:
                             lv.pop_fresh()
@@ -354,53 +369,175 @@ class SchedulerCore(KVPlacementMixin):
                     else:
                         # New work waits for memory; running jobs go on.
                         admit_open = False
-                        w.blocked.append((job, need, pos))
+                        w.blocked.append((job, need))
                 elif loc is Loc.HOST and len(w.batch) + len(w.want_upload) < max_b:
-                    w.want_upload.append((job, pos))
+                    w.want_upload.append(job)
             if len(w.batch) >= max_b or tokens_left <= 0 or examined - len(w.batch) >= budget:
                 break
         if examined - len(w.batch) >= budget:
-            # Progress guarantee: the budget ran out on jobs that cannot run
-            # (swapped, copying, waiting for memory), yet jobs whose KV is on
-            # the GPU may be behind them. Left idle, their blocks would be
-            # evicted for the very jobs that cannot run, and no batch would
-            # ever run. Bounded by memory, not by the number of waiting jobs.
-            taken = {j.id for j, _ in w.batch}
-            for job in self._ranked[Loc.GPU].highest_first():
-                if len(w.batch) >= max_b or tokens_left <= 0:
-                    break
-                if job.id in taken or job.in_flight or job.cancelled:
-                    continue
-                n = min(job.known_tokens - job.num_computed, tokens_left)
-                need = -(-(job.num_computed + n) // bs) - len(job.gpu_blocks)
-                if n <= 0:
-                    continue
-                if need <= free:
-                    w.batch.append((job, n))
-                    free -= need
-                    tokens_left -= n
-                else:
-                    w.blocked.append((job, need, self._pos(job)))
-        w.free = free
+            self._walk_resident(w, free, tokens_left)
+        else:
+            w.free = free
         return w
 
-    def _commit(self, job: Job, n: int) -> BatchEntry:
+    def _walk_resident(self, w: _Walk, free: int, tokens_left: int) -> None:
+        """Progress guarantee: the budget ran out on jobs that cannot run
+        (swapped, copying, waiting for memory), yet jobs whose KV is on the
+        GPU may be behind them. Left idle, their blocks would be evicted for
+        the very jobs that cannot run, and no batch would ever run. Bounded
+        by memory, not by the number of waiting jobs; adds no more blocked
+        jobs than the budget allows."""
+        max_b = self.config.max_batch_size
+        taken = {j.id for j, _ in w.batch}
+        for job in self.kv.ranked[Loc.GPU].highest_first():
+            if len(w.batch) >= max_b or tokens_left <= 0:
+                break
+            if job.id in taken or job.cancelled or not self._runnable(job):
+                continue
+            n, need = self._take(job, tokens_left, free)
+            if n <= 0:
+                continue
+            if need <= free:
+                w.batch.append((job, n))
+                free -= need
+                tokens_left -= n
+            elif len(w.blocked) < self.config.max_candidates:
+                w.blocked.append((job, need))
+        w.free = free
+
+    def _commit(self, job: Job, n: int, it: int) -> BatchEntry:
         if not job.started:
             self._levels[job.level].start(job)
-        self._landed.discard(job.id)
+        kv = self.kv
+        kv.landed.discard(job.id)
         if job.loc is Loc.NONE:
-            self._set_loc(job, Loc.GPU)
-            if self.kv_policy.reserve_full_length:
-                job.reserved = self._blocks(job.spec.input_len + job.spec.max_tokens)
-                self._reserved += job.reserved
-        need = self._blocks(job.num_computed + n) - len(job.gpu_blocks)
-        if need > 0:
-            job.gpu_blocks.extend(self.gpu.allocate(need))
-        job.in_flight += 1
+            kv.admit(job, job.spec.input_len + job.spec.max_tokens)
+        start = job.num_scheduled
+        kv.grow(job, start + n)
         known = job.known_tokens
-        is_prefill = job.num_computed < job.spec.input_len or known - job.num_computed > 1
-        return BatchEntry(job.id, is_prefill, n, job.num_computed, list(job.gpu_blocks),
-                          sample=job.num_computed + n == known)
+        sample = start + n == known
+        is_prefill = start < job.spec.input_len or known - start > 1
+        job.in_flight += 1
+        job.num_scheduled = start + n
+        job.last_iteration = it
+        if sample:
+            job.pending_samples += 1
+        return BatchEntry(job.id, is_prefill, n, start, list(job.gpu_blocks), sample=sample)
+
+    # ------------------------------------------------------------ KV placement
+    def _enst_base(self) -> list[float]:
+        lv = self._levels
+        return work_ahead_by_level([len(x) for x in lv], [x.charge_sum for x in lv], self._qf)
+
+    def _enst_function(self, base: list[float], now: float):
+        """ENST of a job (scheduler/core/enst.py), with this iteration's
+        constants bound: called for every placement candidate."""
+        levels, qf, bsz = self._levels, self._qf, self.config.max_batch_size
+        starving = self.policy.starvation
+        threshold = self.starvation_threshold
+
+        def enst_of(job: Job) -> float:
+            starve = threshold - (now - job.starve_clock) if starving else None
+            return enst(base[job.level], levels[job.level].position(job), qf[job.level], bsz, starve)
+        return enst_of
+
+    def _view(self, w: _Walk, now: float) -> PlacementView:
+        base = self._enst_base()
+        in_batch = {j.id for j, _ in w.batch}
+        kv = self.kv
+        limit = self.config.max_candidates
+        enst_of = self._enst_function(base, now)
+
+        def resident() -> list[Cand]:
+            """The `limit` lowest-priority idle resident jobs: offload and drop
+            victims come from there. O(limit + jobs in flight)."""
+            out: list[Cand] = []
+            for j in kv.ranked[Loc.GPU].lowest_first():
+                if len(out) >= limit:
+                    break
+                if not j.in_flight and not j.cancelled:
+                    out.append(Cand(j.id, len(j.gpu_blocks), enst_of(j), j.id in in_batch,
+                                    rank=(j.level, j.key), landed=j.id in kv.landed))
+            return out
+
+        def swapped() -> list[Cand]:
+            """The `limit` highest-priority swapped-out jobs: upload candidates."""
+            out: list[Cand] = []
+            for j in kv.ranked[Loc.HOST].highest_first():
+                if len(out) >= limit:
+                    break
+                if not j.cancelled:
+                    out.append(Cand(j.id, j.host_blocks, enst_of(j), rank=(j.level, j.key)))
+            return out
+
+        return PlacementView(
+            num_gpu_blocks=kv.num_gpu_blocks, free_gpu=w.free, pending_free_gpu=kv.pending_free,
+            free_host=kv.host_free, host_used=kv.host_used,
+            blocked=[Cand(j.id, need, enst_of(j), admission=not j.started, rank=(j.level, j.key))
+                     for j, need in w.blocked],
+            want_upload=[Cand(j.id, j.host_blocks, enst_of(j), rank=(j.level, j.key)) for j in w.want_upload],
+            resident=resident, swapped=swapped)
+
+    def _evict(self, plan: PlacementPlan) -> tuple[list[KVMove], list[str]]:
+        offloads = []
+        for jid in plan.offload:
+            move = self.kv.offload(self._jobs[jid])
+            if move is not None:  # else the policy over-booked the host: the job simply stays
+                offloads.append(move)
+        dropped = []
+        for jid in plan.drop:
+            job = self._jobs[jid]
+            self.kv.drop(job)
+            self._requeue_for_recompute(job)
+            dropped.append(jid)
+        self.stats.offloads += len(offloads)
+        self.stats.swaps += len(offloads)
+        self.stats.drops += len(dropped)
+        return offloads, dropped
+
+    def _uploads(self, job_ids: list[str]) -> list[KVMove]:
+        moves = []
+        for jid in job_ids:
+            job = self._jobs[jid]
+            if job.loc is not Loc.HOST or job.in_flight:
+                continue
+            move = self.kv.upload(job)
+            if move is not None:  # else the batch took the blocks after all; ask again next iteration
+                moves.append(move)
+        self.stats.uploads += len(moves)
+        self.stats.swaps += len(moves)
+        return moves
+
+    def _requeue_for_recompute(self, job: Job) -> None:
+        """A job whose KV is gone goes back among the jobs without KV, at its
+        old place in its queue: it is re-admitted like a new job (prefill of
+        prompt + tokens so far) and never costs anyone's KV."""
+        job.num_computed = job.num_scheduled = 0
+        if job.cancelled:
+            return
+        lv = self._levels[job.level]
+        lv.remove(job)
+        job.started = False
+        lv.add(job)
+
+    def _abandon_outstanding(self) -> None:
+        """Iterations whose results will never come: their jobs go on from
+        where those iterations started."""
+        for batch in self._outstanding.values():
+            for e in batch:
+                job = self._jobs.get(e.job_id)
+                if job is None:
+                    continue
+                job.in_flight -= 1
+                if e.sample:
+                    job.pending_samples -= 1
+        self._outstanding.clear()
+        for job in self._jobs.values():
+            job.num_scheduled = job.num_computed
+
+    def _release_settled(self) -> None:
+        for job in [j for j in self._jobs.values() if j.cancelled]:
+            self._maybe_release(job)
 
     def _retire(self, job: Job) -> None:
         self._levels[job.level].remove(job)
@@ -411,13 +548,7 @@ class SchedulerCore(KVPlacementMixin):
         self._maybe_release(job)
 
     def _maybe_release(self, job: Job) -> None:
-        if job.in_flight or job.loc in (Loc.TO_HOST, Loc.TO_GPU):
+        if self.kv.busy(job):
             return  # an iteration or a copy still uses its blocks
-        self.gpu.free(job.gpu_blocks)
-        self.host.free(job.host_blocks)
-        job.gpu_blocks, job.host_blocks = [], []
-        self._reserved -= job.reserved
-        job.reserved = 0
-        self._set_loc(job, Loc.NONE)
-        self._landed.discard(job.id)
+        self.kv.release(job)
         del self._jobs[job.id]

@@ -48,15 +48,16 @@ class BatchEntry:
 
 @dataclass
 class KVMove:
+    """Move one job's KV: offload its `gpu_blocks` to the host, or upload it
+    into `gpu_blocks` (newly allocated). The KV store picks the host blocks."""
+
+    move_id: int
     job_id: str
     direction: Direction
-    # offload: src = GPU blocks, dst = host blocks; upload: src = host, dst = GPU.
-    src_blocks: list[int]
-    dst_blocks: list[int]
+    gpu_blocks: list[int]
 
     def __post_init__(self) -> None:
         assert self.direction in ("offload", "upload"), self.direction
-        assert len(self.src_blocks) == len(self.dst_blocks), (self.src_blocks, self.dst_blocks)
 
 
 @dataclass
@@ -64,7 +65,7 @@ class ScheduleDecision:
     iteration: int
     batch: list[BatchEntry]
     offloads: list[KVMove] = field(default_factory=list)
-    uploads: list[KVMove] = field(default_factory=list)
+    uploads: list[KVMove] = field(default_factory=list)  # most urgent first
     # Jobs whose KV was freed to be recomputed later (their GPU blocks are free now).
     dropped: list[str] = field(default_factory=list)
     # Jobs that ran in the previous iteration and do not run in this one.

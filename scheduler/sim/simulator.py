@@ -87,7 +87,7 @@ def simulate(jobs: list[TraceJob], cfg: SimConfig, cost: CostModel,
     first: dict[str, float] = {}
     joined: dict[str, int] = {}
     records: list[JobRecord] = []
-    copies: list[tuple[float, str, str]] = []  # (done_at, job_id, direction)
+    copies: list[tuple[float, int, str]] = []  # (done_at, move_id, job_id)
     moving: set[str] = set()
     link_free = {"offload": 0.0, "upload": 0.0}
     job_iterations: dict[str, list[int]] = {}
@@ -103,15 +103,15 @@ def simulate(jobs: list[TraceJob], cfg: SimConfig, cost: CostModel,
             joined[jid] = core.job_level(jid)
             nxt += 1
         while copies and copies[0][0] <= t:
-            _, jid, direction = heapq.heappop(copies)
+            _, move_id, jid = heapq.heappop(copies)
             moving.discard(jid)
-            core.copy_done(jid, direction, t)
+            core.copy_done(jid, move_id, t)
         d = core.schedule(t)
         for mv in d.offloads + d.uploads:
             assert mv.job_id not in moving, f"{mv.job_id} moved twice at once"
             start = max(t, link_free[mv.direction])
-            link_free[mv.direction] = start + cost.copy_time(len(mv.src_blocks), cfg.copy_bandwidth)
-            heapq.heappush(copies, (link_free[mv.direction], mv.job_id, mv.direction))
+            link_free[mv.direction] = start + cost.copy_time(len(mv.gpu_blocks), cfg.copy_bandwidth)
+            heapq.heappush(copies, (link_free[mv.direction], mv.move_id, mv.job_id))
             moving.add(mv.job_id)
         peak = max(peak, core.gpu_blocks_used())
         if not d.batch:
