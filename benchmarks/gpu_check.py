@@ -27,7 +27,7 @@ import torch
 
 from fastserve.gpu_worker.batch import SeqWork
 from fastserve.gpu_worker.engine import Engine
-from fastserve.gpu_worker.llm import LLM
+from fastserve.llm import LLM
 from fastserve.gpu_worker.model_maker import make_model
 from fastserve.common.sampling_params import SamplingParams
 

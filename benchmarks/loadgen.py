@@ -316,7 +316,7 @@ class _Entry:
 async def spawn_and_run(args, jobs) -> tuple[list[Result], float, dict]:
     from fastserve.common.bus_memory import MemoryBus
     from fastserve.common.logging import setup_logging
-    from fastserve.deploy.launcher import NodeConfig, Stack, ensure_default_model
+    from fastserve.launcher import NodeConfig, Stack, ensure_default_model
 
     setup_logging("loadgen", args.log_level)  # JSON lines on stderr; stdout stays the report
 
@@ -325,7 +325,7 @@ async def spawn_and_run(args, jobs) -> tuple[list[Result], float, dict]:
                      max_batch_size=args.max_batch_size, max_tokens_per_batch=args.max_tokens_per_batch,
                      block_size=args.block_size, gpu_kv_blocks=args.gpu_kv_blocks,
                      host_kv_blocks=args.host_kv_blocks, profile=args.profile, replica=f"loadgen{args.port}",
-                     device=args.device, dtype=args.dtype, pipeline_depth=args.pipeline_depth)
+                     device=args.device, dtype=args.dtype, max_batches_in_flight=args.max_batches_in_flight)
     from fastserve.common.bus import make_bus
 
     bus = make_bus(args.broker, namespace=f"loadgen-{args.port}-{int(time.time())}") if args.broker else MemoryBus()
@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--policy", default="sj-mlfq", choices=["sj-mlfq", "mlfq", "fcfs"])
     p.add_argument("--kv-policy", default="proactive")
-    p.add_argument("--pipeline-depth", type=int, default=1)
+    p.add_argument("--max-batches-in-flight", type=int, default=2)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-tokens-per-batch", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=16)

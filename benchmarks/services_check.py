@@ -21,8 +21,8 @@ async def offload_check(model: str, device: str, n_jobs: int, prompt_len: int, m
                         gpu_blocks: int) -> dict:
     sys.path.insert(0, ".")
     from fastserve.common.bus_memory import MemoryBus
-    from fastserve.deploy.launcher import NodeConfig, Stack
-    from fastserve.gpu_worker.llm import LLM
+    from fastserve.launcher import NodeConfig, Stack
+    from fastserve.llm import LLM
     from fastserve.common.sampling_params import SamplingParams
     from tests.test_services_stack import Client
 

@@ -19,7 +19,7 @@ M=/tmp/models/small
 $PY -c "from fastserve.gpu_worker.model_maker import make_model; make_model('$M', preset='small')" || exit 1
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
 if [ -n "${PROFILE:-}" ]; then cp "$PROFILE" "$OUT/profile_cuda.json"; else
-    timeout 120 $PY -m fastserve.deploy.cli profile --model $M --device cuda --out "$OUT/profile_cuda.json" --quick 2>&1 | tail -1
+    timeout 120 $PY -m fastserve.cli profile --model $M --device cuda --out "$OUT/profile_cuda.json" --quick 2>&1 | tail -1
 fi
 timeout 150 $PY benchmarks/services_check.py --model $M --device cuda --jobs 16 --prompt-len 40 --max-tokens 40 \
     --gpu-kv-blocks 16 --out "$OUT/offload_cuda.json" 2>"$OUT/offload_err.log" | tail -30

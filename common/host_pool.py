@@ -1,30 +1,43 @@
-"""The node's host KV pool: one shared-memory file that the KV-store service
-creates and every GPU worker of the node maps.
+"""The node's host KV pool: one shared-memory file that a KV-store instance
+creates and the GPU workers of its replica map.
 
 The pool is a flat byte array of `num_blocks * bytes_per_block` bytes in
-/dev/shm (tmpfs, so it is RAM, not disk). Workers map the very same pages with
-`torch.from_file(shared=True)` and hand the tensor to
-`Engine(host_kv_buffer=...)`; KV blocks are copied by the worker between its
-GPU pool and these pages, never sent through the bus.
+/dev/shm (tmpfs: RAM, not disk). Workers map the very same pages with
+`torch.from_file(shared=True)`; KV blocks are copied by the worker between
+its GPU pool and these pages, never sent through the bus.
+
+Ownership: every KV-store instance makes a new file named after the
+deployment's namespace, the replica and its own instance id, creates it
+exclusively (O_EXCL: an existing file is never truncated under a worker that
+maps it) and holds an exclusive lock on it while it lives. A second owner of
+the same path gets a clear error; a file whose owner died (no lock held) is
+stale and removed. Workers learn the path from each copy command, so a
+restarted KV store's new pool is mapped on its first copy.
 """
 from __future__ import annotations
 
+import fcntl
 import os
-import time
-from dataclasses import dataclass
 from pathlib import Path
+
+from fastserve.common.schemas import PoolSpec
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 DEFAULT_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
+_PREFIX = "fastserve-kv-"
+
+
+class PoolInUseError(RuntimeError):
+    """Another live KV store owns this pool file."""
 
 
 def kv_bytes_per_block(model_dir: str | Path, block_size: int, dtype: str = "float32") -> int:
     """Bytes of one KV block (K and V, all layers), from the model's config.json.
 
     Computed here so the KV store can size the pool without loading the model;
-    the worker checks it against `Engine.bytes_per_block` when it attaches.
+    the worker checks it against the engine's own figure when it maps the pool.
     """
-    from fastserve.common.model_config import ModelConfig  # the engine's own reading of config.json
+    from fastserve.common.model_config import ModelConfig
 
     if dtype not in _DTYPE_BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPE_BYTES)}")
@@ -32,40 +45,54 @@ def kv_bytes_per_block(model_dir: str | Path, block_size: int, dtype: str = "flo
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * block_size * _DTYPE_BYTES[dtype]
 
 
-def default_pool_path(replica: str) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in replica)
-    return DEFAULT_DIR / f"fastserve-kv-{safe}.bin"
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
-@dataclass(frozen=True)
-class PoolSpec:
-    """What a worker needs to map the pool (also sent in the KV store's heartbeat)."""
+def pool_path(namespace: str, replica: str, instance_id: str, directory: str | Path | None = None) -> Path:
+    parts = [p for p in (namespace, replica, instance_id) if p]
+    return Path(directory or DEFAULT_DIR) / f"{_PREFIX}{'-'.join(_safe(p) for p in parts)}.bin"
 
-    path: str
-    num_blocks: int
-    bytes_per_block: int
 
-    @property
-    def nbytes(self) -> int:
-        return self.num_blocks * self.bytes_per_block
+def _locked_by_someone(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
-    def to_dict(self) -> dict:
-        return {"path": self.path, "num_blocks": self.num_blocks, "bytes_per_block": self.bytes_per_block}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "PoolSpec":
-        return cls(str(d["path"]), int(d["num_blocks"]), int(d["bytes_per_block"]))
+def remove_stale_pools(directory: str | Path | None = None) -> list[Path]:
+    """Delete pool files whose KV store died without cleaning up (no lock held)."""
+    removed = []
+    for path in Path(directory or DEFAULT_DIR).glob(f"{_PREFIX}*.bin"):
+        if not _locked_by_someone(path):
+            try:
+                path.unlink()
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 class HostKVPool:
-    """A shared-memory byte pool. `create()` is for the owner (the KV store),
-    `attach()` for the workers; only the owner unlinks the file."""
+    """A shared-memory byte pool. `create()` is for the owner (a KV-store
+    instance), `attach()` for the workers; only the owner unlinks the file."""
 
-    def __init__(self, spec: PoolSpec, owner: bool):
+    def __init__(self, spec: PoolSpec, owner: bool, lock_fd: int | None = None):
         import torch
 
         self.spec = spec
         self.owner = owner
+        self._lock_fd = lock_fd
         # A zero-block pool is legal (no host memory): map nothing.
         if spec.nbytes == 0:
             self.tensor = torch.empty(0, dtype=torch.uint8)
@@ -78,27 +105,31 @@ class HostKVPool:
             raise ValueError(f"bad host pool size: {spec}")
         path = Path(spec.path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Truncate to exactly the pool size so a stale file from an earlier
-        # run with another model cannot be mapped with the wrong size.
-        with open(path, "wb") as f:
-            f.truncate(spec.nbytes)
-        return cls(spec, owner=True)
+        if path.exists():
+            if _locked_by_someone(path):
+                raise PoolInUseError(f"host KV pool {path} is in use by another KV store; give each KV store its "
+                                     f"own --namespace/--replica/--instance-id (or --host-kv-dir)")
+            path.unlink(missing_ok=True)  # stale: its owner died
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, spec.nbytes)  # a new, empty file: nobody maps it yet
+            return cls(spec, owner=True, lock_fd=fd)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
 
     @classmethod
-    def attach(cls, spec: PoolSpec, timeout: float = 30.0) -> "HostKVPool":
-        """Map a pool made by the KV store, waiting for it to appear."""
-        deadline = time.monotonic() + timeout
+    def attach(cls, spec: PoolSpec) -> "HostKVPool":
+        """Map a pool made by a KV store. Fails if the file is missing or of
+        another size (a KV store of another model or pool size)."""
         path = Path(spec.path)
-        while True:
-            if path.exists() and path.stat().st_size == spec.nbytes:
-                return cls(spec, owner=False)
-            if time.monotonic() > deadline:
-                size = path.stat().st_size if path.exists() else None
-                raise TimeoutError(
-                    f"host KV pool {path} not ready after {timeout:.0f}s "
-                    f"(size {size}, expected {spec.nbytes}); is the kvstore service running "
-                    f"with the same --host-kv-blocks, --block-size and model?")
-            time.sleep(0.05)
+        size = path.stat().st_size if path.exists() else None
+        if size != spec.nbytes:
+            raise FileNotFoundError(f"host KV pool {path} is {'missing' if size is None else f'{size} bytes'}, "
+                                    f"expected {spec.nbytes}")
+        return cls(spec, owner=False)
 
     def block_view(self):
         """The pool as (num_blocks, bytes_per_block) uint8 rows."""
@@ -111,3 +142,6 @@ class HostKVPool:
                 os.unlink(self.spec.path)
             except FileNotFoundError:
                 pass
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None

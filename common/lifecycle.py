@@ -63,11 +63,12 @@ class ServiceTasks:
 
 
 async def send_heartbeats(bus: Bus, service: str, instance_id: str, interval: float,
-                          info: Callable[[], dict], alive: Callable[[], bool], log) -> None:
-    """Publish a `Heartbeat` every `interval` seconds while `alive()`."""
+                          fields: Callable[[], dict], alive: Callable[[], bool], log) -> None:
+    """Publish a `Heartbeat` every `interval` seconds while `alive()`;
+    `fields()` gives its other fields (replica, queue, worker, pool, info...)."""
     key = names.heartbeat_key(service, instance_id)
     while alive():
-        hb = Heartbeat(service=service, instance_id=instance_id, ts=time.time(), info=info())
+        hb = Heartbeat(service=service, instance_id=instance_id, ts=time.time(), **fields())
         try:
             await bus.publish(key, encode(hb), exchange=names.EVENTS_EXCHANGE)
         except Exception as exc:  # the bus reconnects; liveness must not kill the service

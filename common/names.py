@@ -22,6 +22,9 @@ JOB_QUEUE = f"{PREFIX}.jobs"
 # Broadcast exchanges (topic).
 EVENTS_EXCHANGE = f"{PREFIX}.events"
 CONTROL_EXCHANGE = f"{PREFIX}.control"
+# KV copy reports: the worker publishes each once; the replica's scheduler and
+# KV store both hear it (a move costs one KVCopy and one KVCopyDone).
+KV_EXCHANGE = f"{PREFIX}.kv"
 
 # Routing keys on EVENTS_EXCHANGE.
 HEARTBEAT_KEY_PREFIX = "heartbeat"  # heartbeat.<service>.<instance_id>
@@ -56,9 +59,16 @@ def control_queue(instance_id: str) -> str:
     return f"{PREFIX}.control.{instance_id}"
 
 
-# Per-replica plumbing between scheduler, workers and kvstore (used by SERVICES).
-def worker_queue(replica: str, stage: int = 0) -> str:
-    return f"{PREFIX}.worker.{replica}.{stage}"
+# Per-replica plumbing between scheduler, workers and KV store. A worker's and
+# a KV store's command queues belong to the instance (exclusive): when the
+# process dies its queue goes with it, stale commands included, a publish to
+# it fails at once, and a restarted instance starts from an empty queue.
+def worker_queue(replica: str, instance_id: str) -> str:
+    return f"{PREFIX}.worker.{replica}.{instance_id}"
+
+
+def kvstore_queue(replica: str, instance_id: str) -> str:
+    return f"{PREFIX}.kvstore.{replica}.{instance_id}"
 
 
 def scheduler_queue(replica: str) -> str:
@@ -66,5 +76,6 @@ def scheduler_queue(replica: str) -> str:
     return f"{PREFIX}.scheduler.{replica}"
 
 
-def kvstore_queue(node: str) -> str:
-    return f"{PREFIX}.kvstore.{node}"
+def kv_done_key(replica: str) -> str:
+    """Routing key of a replica's KVCopyDone on KV_EXCHANGE."""
+    return f"done.{replica}"

@@ -1,18 +1,21 @@
-"""Wire messages: versioned, msgpack-encoded dataclasses. No pickle.
+"""Wire messages: versioned, msgpack-encoded, typed structs. No pickle.
 
 A message on the wire is the msgpack map {"_t": type name, "_v": version,
-<field>: <value>, ...}. `decode` checks the type is known, the version is the
-one this code speaks, every required field is present and every value has the
-annotated type (ints are accepted where floats are expected); anything else is
-a `SchemaError`, which the bus turns into a dead letter.
+<field>: <value>, ...}. What rides inside a message (a batch entry, a sampled
+token, the sampling parameters) is a `@struct`: a dataclass that travels as
+a map of its fields, never as a positional list. `decode` checks the type is
+known, the version is the one this code speaks, every required field is
+present and every value has the annotated type, recursively (ints are
+accepted where floats are expected); anything else is a `SchemaError`, which
+the bus turns into a dead letter.
 
 Unknown extra fields are ignored so that a newer sender can add optional
 fields without breaking an older receiver; removing or retyping a field needs
 a version bump.
 
-To add a message: a `@dataclass(slots=True)` subclass of `Message` decorated
-with `@message`, fields annotated with the types `_check` understands (str,
-int, float, bool, bytes, dict, list[...], tuple[...], X | None, Any).
+Supported annotations: str, int, float, bool, bytes, dict, dict[K, V],
+list[X], tuple[X, ...], tuple[X, Y], X | None, Any, and @struct classes.
+Checkers are compiled once per type, so decoding costs one call per value.
 """
 from __future__ import annotations
 
@@ -20,11 +23,13 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, Callable, ClassVar, TypeVar
 
 import msgpack
 
-SCHEMA_VERSION = 1
+from fastserve.common.sampling_params import SamplingParams
+
+SCHEMA_VERSION = 2
 
 
 class SchemaError(ValueError):
@@ -38,8 +43,11 @@ class Message:
 
 
 _REGISTRY: dict[str, type[Message]] = {}
-_HINTS: dict[type, dict[str, Any]] = {}
+_STRUCTS: set[type] = set()
+_FIELDS: dict[type, tuple[str, ...]] = {}
+_CHECKERS: dict[Any, Callable[[Any, str], Any]] = {}
 M = TypeVar("M", bound=type[Message])
+S = TypeVar("S", bound=type)
 
 
 def message(cls: M) -> M:
@@ -47,6 +55,15 @@ def message(cls: M) -> M:
     assert dataclasses.is_dataclass(cls) and issubclass(cls, Message), cls
     assert cls.__name__ not in _REGISTRY, f"duplicate message type {cls.__name__}"
     _REGISTRY[cls.__name__] = cls
+    _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return cls
+
+
+def struct(cls: S) -> S:
+    """Register a dataclass that travels inside messages as a map of its fields."""
+    assert dataclasses.is_dataclass(cls), cls
+    _STRUCTS.add(cls)
+    _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
     return cls
 
 
@@ -54,13 +71,27 @@ def message_types() -> dict[str, type[Message]]:
     return dict(_REGISTRY)
 
 
+def _to_wire(value: Any) -> Any:
+    cls = type(value)
+    if cls in _STRUCTS:
+        return {name: _to_wire(getattr(value, name)) for name in _FIELDS[cls]}
+    if cls is list or cls is tuple:
+        # Lists of scalars (token ids: the bulk of the traffic) go out as they are.
+        if value and (type(value[0]) in _STRUCTS or type(value[0]) in (list, tuple, dict)):
+            return [_to_wire(v) for v in value]
+        return value
+    if cls is dict:
+        return {k: _to_wire(v) for k, v in value.items()}
+    return value
+
+
 def encode(msg: Message) -> bytes:
     cls = type(msg)
     if _REGISTRY.get(cls.__name__) is not cls:
         raise SchemaError(f"{cls.__name__} is not a registered message type")
     data: dict[str, Any] = {"_t": cls.__name__, "_v": cls.VERSION}
-    for f in dataclasses.fields(msg):
-        data[f.name] = getattr(msg, f.name)
+    for name in _FIELDS[cls]:
+        data[name] = _to_wire(getattr(msg, name))
     return msgpack.packb(data, use_bin_type=True)
 
 
@@ -81,71 +112,144 @@ def decode(data: bytes, expected: type[Message] | tuple[type[Message], ...] | No
         raise SchemaError(f"{name}: version {version!r} not supported (this side speaks {cls.VERSION})")
     if expected is not None and not issubclass(cls, expected):
         raise SchemaError(f"unexpected message type {name}")
-    hints = _hints(cls)
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise SchemaError(f"{name}: missing field {f.name!r}")
-            continue
-        kwargs[f.name] = _check(raw[f.name], hints[f.name], f"{name}.{f.name}")
+    return _checker(cls)(raw, name)
+
+
+def peek(data: bytes, *names: str) -> dict[str, Any]:
+    """The named top-level string fields of bytes that may not decode as a
+    message (to tell the sender of a malformed one why it was refused)."""
     try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:  # __post_init__ validation
-        raise SchemaError(f"{name}: {exc}") from exc
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception:  # not msgpack at all: nothing to tell anyone
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    return {n: raw[n] for n in names if isinstance(raw.get(n), str) and raw[n]}
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
+def from_wire(cls: type, value: Any, where: str = "") -> Any:
+    """Check and build a struct (or any annotation) from plain msgpack data."""
+    return _checker(cls)(value, where or getattr(cls, "__name__", str(cls)))
 
 
-def _check(value: Any, tp: Any, where: str) -> Any:
-    """Validate `value` against annotation `tp`; return it (tuples restored from lists)."""
+# ------------------------------------------------------------------ compiled checkers
+
+def _checker(tp: Any) -> Callable[[Any, str], Any]:
+    fn = _CHECKERS.get(tp)
+    if fn is None:
+        fn = _compile(tp)
+        _CHECKERS[tp] = fn
+    return fn
+
+
+def _compile(tp: Any) -> Callable[[Any, str], Any]:
     if tp is Any:
-        return value
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
+        return lambda v, where: v
+    if isinstance(tp, type) and (tp in _STRUCTS or tp in _FIELDS):
+        return _compile_dataclass(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check(value, arg, where)
-            except SchemaError as exc:
-                errors.append(str(exc))
-        raise SchemaError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
+        options = [a for a in args if a is not type(None)]
+        nullable = len(options) != len(args)
+        checks = [_checker(a) for a in options]
+
+        def check_union(v, where):
+            if v is None and nullable:
+                return None
+            errors = []
+            for c in checks:
+                try:
+                    return c(v, where)
+                except SchemaError as exc:
+                    errors.append(str(exc))
+            if not errors:
+                raise SchemaError(f"{where}: expected a value, got None")
+            raise SchemaError(errors[0] if len(errors) == 1 else f"{where}: {v!r:.80} matches none of {tp}")
+        return check_union
     if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise SchemaError(f"{where}: expected a list, got {type(value).__name__}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise SchemaError(f"{where}: expected {len(args)} items, got {len(value)}")
-            return tuple(_check(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
-        item = args[0] if args else Any
-        out = [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
+        as_tuple = origin is tuple
+        if as_tuple and args and args[-1] is not Ellipsis:
+            items = [_checker(a) for a in args]
+
+            def check_fixed(v, where):
+                if not isinstance(v, (list, tuple)):
+                    raise SchemaError(f"{where}: expected a list, got {type(v).__name__}")
+                if len(v) != len(items):
+                    raise SchemaError(f"{where}: expected {len(items)} items, got {len(v)}")
+                return tuple(c(x, f"{where}[{i}]") for i, (c, x) in enumerate(zip(items, v)))
+            return check_fixed
+        item = _checker(args[0]) if args else _checker(Any)
+        scalar = args[0] if args and args[0] in (int, str) else None
+
+        def check_seq(v, where):
+            if not isinstance(v, (list, tuple)):
+                raise SchemaError(f"{where}: expected a list, got {type(v).__name__}")
+            if scalar is not None and all(type(x) is scalar for x in v):
+                out = list(v)  # the common case (token ids), one pass in C
+            else:
+                out = [item(x, f"{where}[{i}]") for i, x in enumerate(v)]
+            return tuple(out) if as_tuple else out
+        return check_seq
     if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise SchemaError(f"{where}: expected a map, got {type(value).__name__}")
-        return value
+        kc = _checker(args[0]) if args else None
+        vc = _checker(args[1]) if args else None
+
+        def check_map(v, where):
+            if not isinstance(v, dict):
+                raise SchemaError(f"{where}: expected a map, got {type(v).__name__}")
+            if kc is None:
+                return v
+            return {kc(k, f"{where} key"): vc(x, f"{where}[{k!r}]") for k, x in v.items()}
+        return check_map
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SchemaError(f"{where}: expected a number, got {type(value).__name__}")
-        return float(value)
+        def check_float(v, where):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise SchemaError(f"{where}: expected a number, got {type(v).__name__}")
+            return float(v)
+        return check_float
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SchemaError(f"{where}: expected an int, got {type(value).__name__}")
-        return value
+        def check_int(v, where):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise SchemaError(f"{where}: expected an int, got {type(v).__name__}")
+            return v
+        return check_int
     if tp in (str, bool, bytes):
-        if not isinstance(value, tp):
-            raise SchemaError(f"{where}: expected {tp.__name__}, got {type(value).__name__}")
-        return value
-    raise SchemaError(f"{where}: unsupported annotation {tp!r}")  # a bug in a message definition
+        def check_plain(v, where):
+            if not isinstance(v, tp):
+                raise SchemaError(f"{where}: expected {tp.__name__}, got {type(v).__name__}")
+            return v
+        return check_plain
+    raise SchemaError(f"unsupported annotation {tp!r}")  # a bug in a message definition
+
+
+def _compile_dataclass(cls: type) -> Callable[[Any, str], Any]:
+    hints = typing.get_type_hints(cls)
+    spec = []
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        spec.append((f.name, required, hints[f.name]))
+    name = cls.__name__
+    compiled: list[tuple[str, bool, Callable]] = []
+
+    def check_struct(v, where):
+        if not compiled:  # lazily: a struct may refer to one defined after it
+            compiled.extend((n, req, _checker(tp)) for n, req, tp in spec)
+        if not isinstance(v, dict):
+            raise SchemaError(f"{where}: expected a {name} map, got {type(v).__name__}")
+        kwargs = {}
+        for n, req, check in compiled:
+            if n in v:
+                kwargs[n] = check(v[n], f"{where}.{n}")
+            elif req:
+                raise SchemaError(f"{where}: missing field {n!r}")
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as exc:  # __post_init__ validation
+            raise SchemaError(f"{where}: {exc}") from exc
+    return check_struct
+
+
+struct(SamplingParams)
 
 
 # ---------------------------------------------------------------- gateway <-> scheduler
@@ -153,22 +257,34 @@ def _check(value: Any, tp: Any, where: str) -> Any:
 @message
 @dataclass(slots=True)
 class JobSubmit(Message):
-    """A new job (gateway -> names.JOB_QUEUE). `sampling` holds the fields of
-    fastserve.gpu_worker.sampling.SamplingParams (stop strings stay in the gateway)."""
+    """A job (gateway -> names.JOB_QUEUE). A continuation (the scheduler that
+    held it died) repeats the prompt followed by the `num_generated` tokens
+    already streamed: sampling counts positions from there, so a seeded job
+    continues with the very tokens it would have drawn, and max_tokens still
+    counts from the first generated token."""
 
     job_id: str
     trace_id: str
-    reply_to: str  # queue the TokenEvents go to
+    reply_to: str  # queue the TokenBatches go to
     prompt_token_ids: list[int]
-    sampling: dict
+    sampling: SamplingParams
     arrival_time: float  # time.time() at the gateway
     model: str
+    num_generated: int = 0
+    deadline: float | None = None  # time.time() after which nobody waits for it
 
     def __post_init__(self) -> None:
         if not self.job_id:
             raise ValueError("job_id must not be empty")
         if not self.prompt_token_ids:
             raise ValueError("prompt_token_ids must not be empty")
+        if not 0 <= self.num_generated < len(self.prompt_token_ids):
+            raise ValueError(f"num_generated must be in [0, {len(self.prompt_token_ids)}), got {self.num_generated}")
+
+    @property
+    def prompt_len(self) -> int:
+        """Tokens of the original prompt (without the continued output)."""
+        return len(self.prompt_token_ids) - self.num_generated
 
 
 @message
@@ -181,41 +297,90 @@ class JobCancel(Message):
     reason: str = ""
 
 
-@message
+@struct
 @dataclass(slots=True)
-class TokenEvent(Message):
-    """New tokens of one job (scheduler -> the job's reply_to queue). A delta:
-    only tokens since the last event. The last event of a job has finish_reason
-    ("stop" | "length" | "abort") or error set."""
+class TokenEvent:
+    """New tokens of one job: a delta, only tokens since its last event. An
+    event with no tokens and no end says the scheduler holds the job. The last
+    event of a job has finish_reason ("stop" | "length" | "abort") or error."""
 
     job_id: str
-    trace_id: str
     token_ids: list[int]
     logprobs: list[float] | None = None  # one per token id
-    # per token: [[token_id, logprob], ...] of the top-k alternatives
-    top_logprobs: list[list[list[Any]]] | None = None
+    top_logprobs: list[list[TopLogprob]] | None = None  # per token: the top-k alternatives
     finish_reason: str | None = None
     error: str | None = None
     num_prompt_tokens: int = 0
     num_generated: int = 0  # total generated so far, this event included
-    queue_time: float | None = None  # seconds from arrival to first scheduled (first event only)
-    scheduler_id: str = ""
+    queue_time: float | None = None  # seconds from arrival to first scheduled (first token's event)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None or self.error is not None
 
 
+@message
+@dataclass(slots=True)
+class TokenBatch(Message):
+    """The token events of one iteration for one gateway (scheduler -> the
+    gateway's reply queue): one message per gateway per iteration, not one
+    per job."""
+
+    scheduler_id: str
+    events: list[TokenEvent]
+
+
 # ---------------------------------------------------------------- liveness and stats
+
+@struct
+@dataclass(slots=True)
+class WorkerInfo:
+    """What a scheduler needs to know of its replica's worker (in its heartbeat)."""
+
+    num_gpu_blocks: int
+    block_size: int
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    bytes_per_block: int
+    device: str = "cpu"
+
+
+@struct
+@dataclass(slots=True)
+class PoolSpec:
+    """Where a host KV pool lives: what a worker needs to map it. Each KV-store
+    instance makes its own file, so a changed path means a new, empty pool."""
+
+    path: str
+    num_blocks: int
+    bytes_per_block: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_blocks * self.bytes_per_block
+
 
 @message
 @dataclass(slots=True)
 class Heartbeat(Message):
-    """Liveness (any service -> EVENTS_EXCHANGE, names.heartbeat_key)."""
+    """Liveness (any service -> EVENTS_EXCHANGE, names.heartbeat_key). `queue`
+    is the instance's own command queue (workers, KV stores); `info` is free-form
+    diagnostics for people and /health, never acted on."""
 
     service: str  # "gateway" | "scheduler" | "worker" | "kvstore"
     instance_id: str
     ts: float
+    replica: str = ""
+    queue: str = ""
+    worker: WorkerInfo | None = None
+    pool: PoolSpec | None = None
+    # A worker's progress in its scheduler's current epoch: the highest
+    # iteration received and finished, so the scheduler can tell a lost
+    # command or result from a long step.
+    epoch: int = -1
+    received: int = -1
+    completed: int = -1
     info: dict = field(default_factory=dict)
 
 
@@ -235,91 +400,164 @@ class SchedulerStats(Message):
     cpu_kv_usage: float = 0.0  # fraction of host KV blocks in use
     num_preemptions: int = 0  # cumulative since the scheduler started
     max_queued_jobs: int = 0  # admission limit (0: unlimited), so gateways can refuse early
+    replica: str = ""
 
 
-# ---------------------------------------------------------------- SERVICES: scheduler <-> worker <-> kvstore
-# (BatchCommand, BatchResult, KV copy messages are appended below this line.)
+# ---------------------------------------------------------------- scheduler <-> worker
+
+@struct
+@dataclass(slots=True)
+class NewJob:
+    """A job the worker has not seen: its tokens so far and how to sample."""
+
+    job_id: str
+    trace_id: str
+    token_ids: list[int]  # prompt, then the tokens already generated
+    sampling: SamplingParams
+    num_generated: int = 0  # the last num_generated of token_ids are output tokens
+
+
+@struct
+@dataclass(slots=True)
+class RunEntry:
+    """One job's share of an iteration. Its tokens are the worker's own
+    list[num_computed : num_computed + num_new_tokens] (the worker appends
+    every token it samples, so a decode job fed in consecutive iterations
+    reads the token it sampled the iteration before). `block_table` (whole)
+    replaces the job's table when it changed other than by appending (after
+    an upload or a recompute); else `append_blocks` extend it."""
+
+    job_id: str
+    num_computed: int
+    num_new_tokens: int
+    sample: bool
+    append_blocks: list[int] = field(default_factory=list)
+    block_table: list[int] | None = None
 
 
 @message
 @dataclass(slots=True)
 class BatchCommand(Message):
-    """One iteration for one replica's workers (scheduler -> names.worker_queue).
+    """One iteration for one worker (scheduler -> the worker instance's queue).
 
     Full data only for jobs the worker has not seen (`new`), deltas for the
-    others, and the ids the worker must forget (`free`).
-    new:  [job_id, token_ids (prompt + generated so far), sampling dict, trace_id]: registers a job;
-          it is then also listed in `run` like every job of the batch.
-    run:  [job_id, num_computed, num_new_tokens, sample, append_blocks, block_table | None]
-          the tokens are the worker's own list[num_computed : num_computed + num_new_tokens];
-          block_table (full) replaces the table when it changed other than by
-          appending (after an upload), else append_blocks extend it.
-    """
+    others, and the ids the worker must forget (`free`). `epoch` changes when
+    the scheduler starts over with the worker (its GPU KV is considered lost):
+    a worker that sees a newer epoch forgets every job first, and drops
+    commands of older ones. A command with no `run` only frees."""
 
     replica: str
+    epoch: int
     iteration: int
-    new: list[list[Any]] = field(default_factory=list)
-    run: list[list[Any]] = field(default_factory=list)
+    new: list[NewJob] = field(default_factory=list)
+    run: list[RunEntry] = field(default_factory=list)
     free: list[str] = field(default_factory=list)
     sent_at: float = 0.0
 
 
-@message
+@struct
 @dataclass(slots=True)
-class BatchResult(Message):
-    """What one iteration produced (last worker stage -> names.scheduler_queue).
-    results: [job_id, token_id, logprob, top_logprobs | None] for entries with sample=True."""
+class TopLogprob:
+    token_id: int
+    logprob: float
 
-    replica: str
-    iteration: int
-    results: list[list[Any]] = field(default_factory=list)
-    step_seconds: float = 0.0  # the engine's own step() time
+
+@struct
+@dataclass(slots=True)
+class SampledToken:
+    """What one job of an iteration produced; `error` set: this job failed
+    alone (bad parameters, ...) and the rest of the batch went on."""
+
+    job_id: str
+    token_id: int = -1
+    logprob: float = 0.0
+    top_logprobs: list[TopLogprob] | None = None
     error: str | None = None
 
 
 @message
 @dataclass(slots=True)
-class KVPlan(Message):
-    """The placement policy's moves of one iteration (scheduler -> names.kvstore_queue).
-    moves: [job_id, "offload" | "upload", src_blocks, dst_blocks]; free: jobs whose
-    KV is gone (finished, cancelled, dropped for recompute)."""
+class BatchResult(Message):
+    """What one iteration produced (worker -> names.scheduler_queue): one entry
+    per sampling job, and one per job that failed."""
 
     replica: str
+    epoch: int
     iteration: int
-    moves: list[list[Any]] = field(default_factory=list)
+    worker_id: str
+    tokens: list[SampledToken] = field(default_factory=list)
+    step_seconds: float = 0.0  # the engine's own step() time
+    error: str | None = None  # the whole step failed
+
+
+# ---------------------------------------------------------------- KV moves
+
+@struct
+@dataclass(slots=True)
+class KVMoveOrder:
+    """One job's KV to move: offload its GPU blocks to host memory, or upload
+    it back into these (newly allocated) GPU blocks. `move_id` is unique per
+    scheduler; every report names it, so a late report of an earlier move of
+    the same job is never mistaken for the current one."""
+
+    move_id: int
+    job_id: str
+    direction: str  # "offload" | "upload"
+    gpu_blocks: list[int]
+
+    def __post_init__(self) -> None:
+        if self.direction not in ("offload", "upload"):
+            raise ValueError(f"direction must be 'offload' or 'upload', got {self.direction!r}")
+
+
+@message
+@dataclass(slots=True)
+class KVPlan(Message):
+    """The moves the placement policy chose in one iteration (scheduler -> the
+    KV-store instance's queue). Uploads come in the order they are wanted
+    (earliest estimated next scheduled time first). `free`: jobs whose host
+    copy is no longer needed (finished, cancelled, recomputed)."""
+
+    replica: str
+    worker_queue: str  # where the copies go
+    moves: list[KVMoveOrder] = field(default_factory=list)
     free: list[str] = field(default_factory=list)
 
 
 @message
 @dataclass(slots=True)
 class KVCopy(Message):
-    """One block copy for a worker (kvstore -> names.worker_queue). The worker
-    starts it once its step for `after_iteration` (if any) has finished."""
+    """One block copy for a worker (KV store -> the worker instance's queue)."""
 
     replica: str
-    copy_id: str
+    move_id: int
     job_id: str
     direction: str  # "offload": GPU -> host; "upload": host -> GPU
-    src_blocks: list[int]
-    dst_blocks: list[int]
-    after_iteration: int = -1
-    reply_to: str = ""
+    gpu_blocks: list[int]
+    host_blocks: list[int]
+    pool: PoolSpec
 
     def __post_init__(self) -> None:
         if self.direction not in ("offload", "upload"):
             raise ValueError(f"direction must be 'offload' or 'upload', got {self.direction!r}")
-        if len(self.src_blocks) != len(self.dst_blocks):
-            raise ValueError(f"src_blocks ({len(self.src_blocks)}) and dst_blocks ({len(self.dst_blocks)}) differ in length")
+        if len(self.gpu_blocks) != len(self.host_blocks):
+            raise ValueError(f"gpu_blocks ({len(self.gpu_blocks)}) and host_blocks ({len(self.host_blocks)}) "
+                             "differ in length")
 
 
 @message
 @dataclass(slots=True)
 class KVCopyDone(Message):
-    """A copy finished (worker -> kvstore, then kvstore -> scheduler)."""
+    """A move ended (worker -> KV_EXCHANGE, heard by the scheduler and the KV
+    store of the replica; the KV store also sends one when it refuses a move)."""
 
     replica: str
-    copy_id: str
+    move_id: int
     job_id: str
     direction: str
     seconds: float = 0.0
     error: str | None = None
+    # The KV store gave up waiting: the copy may still be running at the
+    # worker, so its GPU blocks are not safe to reuse until the worker has
+    # started over.
+    timed_out: bool = False

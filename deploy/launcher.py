@@ -12,58 +12,64 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from fastserve.common import settings as S
 from fastserve.common.config import ConfigError, add_config_args, config_from_args
-
-DEFAULT_MODEL_CACHE = "~/.cache/fastserve/models"
-
 
 @dataclass
 class NodeConfig:
-    """The flags of `fastserve up` and of the per-service commands."""
+    """The flags of `fastserve up` and of the per-service commands: every
+    setting of every service (common/settings.py), handed to each service's
+    own config by name (`pick`)."""
 
-    model: str | None = field(default=None, metadata={"help": "checkpoint directory; `up` without it makes a random-weight `small` model in --model-cache"})
-    model_cache: str = field(default=DEFAULT_MODEL_CACHE, metadata={"help": "where `up` keeps the model it makes"})
-    served_model_name: str | None = field(default=None, metadata={"help": "model name clients ask for (default: the model directory's name)"})
-    broker: str = field(default="memory://", metadata={"help": "memory:// (one process only) or amqp://user:pass@host:5672/"})
-    namespace: str = field(default="", metadata={"help": "prefix of every queue and exchange name (isolates deployments sharing a broker)"})
-    replica: str = field(default="default", metadata={"help": "model replica this scheduler/worker/kvstore belongs to"})
-    host: str = field(default="127.0.0.1", metadata={"help": "gateway listen address"})
-    port: int = field(default=8000, metadata={"help": "gateway listen port"})
-    api_key: str | None = field(default=None, metadata={"help": "comma-separated API keys the gateway accepts (default: none needed)"})
-    policy: Literal["sj-mlfq", "mlfq", "fcfs"] = field(default="sj-mlfq", metadata={"help": "job scheduling policy"})
-    kv_policy: Literal["proactive", "reactive", "recompute", "none"] = field(default="proactive", metadata={"help": "KV placement policy"})
-    max_batch_size: int = field(default=32, metadata={"help": "jobs per iteration"})
-    max_tokens_per_batch: int = field(default=2048, metadata={"help": "tokens per iteration"})
-    pipeline_depth: int = field(default=1, metadata={"help": "batches in flight per scheduler (>1 hides the bus round trip; one stage then alternates jobs between batches)"})
-    max_queued_jobs: int = field(default=0, metadata={"help": "jobs a scheduler holds before leaving the rest in the queue (0: no limit)"})
-    block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
-    gpu_kv_blocks: int | None = field(default=None, metadata={"help": "GPU KV blocks (default: sized from free memory)"})
-    host_kv_blocks: int = field(default=1024, metadata={"help": "host (CPU) KV blocks in the KV store's shared pool"})
-    host_kv_path: str | None = field(default=None, metadata={"help": "shared-memory file of the host pool (default: /dev/shm/fastserve-kv-<replica>.bin)"})
-    device: str = field(default="cpu", metadata={"help": "cpu or cuda[:N]"})
-    dtype: Literal["float32", "float16", "bfloat16"] = field(default="float32", metadata={"help": "weights and KV dtype"})
-    profile: str | None = field(default=None, metadata={"help": "profile JSON from `fastserve profile` for the scheduler's cost model"})
-    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
+    model: str | None = S.MODEL()
+    model_cache: str = S.MODEL_CACHE()
+    served_model_name: str | None = S.SERVED_MODEL_NAME()
+    broker: str = S.BROKER()
+    namespace: str = S.NAMESPACE()
+    replica: str = S.REPLICA()
+    instance_id: str = S.INSTANCE_ID()
+    host: str = S.HOST()
+    port: int = S.PORT()
+    api_key: str | None = S.API_KEY()
+    policy: Literal[S.POLICIES] = S.POLICY()
+    kv_policy: Literal[S.KV_POLICIES] = S.KV_POLICY()
+    max_batch_size: int = S.MAX_BATCH_SIZE()
+    max_tokens_per_batch: int = S.MAX_TOKENS_PER_BATCH()
+    max_batches_in_flight: int = S.MAX_BATCHES_IN_FLIGHT()
+    max_queued_jobs: int = S.MAX_QUEUED_JOBS()
+    num_queues: int = S.NUM_QUEUES()
+    quantum_ratio: float = S.QUANTUM_RATIO()
+    base_quantum: float | None = S.BASE_QUANTUM()
+    starvation_threshold: float | None = S.STARVATION_THRESHOLD()
+    watermark: float = S.WATERMARK()
+    reserve: float = S.RESERVE()
+    profile: str | None = S.PROFILE()
+    block_size: int = S.BLOCK_SIZE()
+    gpu_kv_blocks: int | None = S.GPU_KV_BLOCKS()
+    host_kv_blocks: int = S.HOST_KV_BLOCKS()
+    host_kv_dir: str | None = S.HOST_KV_DIR()
+    max_copies_in_flight: int = S.MAX_COPIES_IN_FLIGHT()
+    copy_timeout: float = S.COPY_TIMEOUT()
+    device: str = S.DEVICE()
+    dtype: Literal[S.DTYPES] = S.DTYPE()
+    heartbeat_interval: float = S.HEARTBEAT_INTERVAL()
+    worker_timeout: float = S.WORKER_TIMEOUT()
+    worker_grace: float = S.WORKER_GRACE()
+    kvstore_timeout: float = S.KVSTORE_TIMEOUT()
+    health_timeout: float = S.HEALTH_TIMEOUT()
+    request_timeout: float = S.REQUEST_TIMEOUT()
+    log_level: str = S.LOG_LEVEL()
 
     def __post_init__(self) -> None:
-        if not (self.broker.startswith(("memory://", "amqp://", "amqps://"))):
-            raise ValueError(f"broker must be memory:// or amqp://..., got {self.broker!r}")
-        if not 0 < self.port < 65536:
-            raise ValueError(f"port must be in 1..65535, got {self.port}")
-        for name in ("max_batch_size", "max_tokens_per_batch", "block_size", "pipeline_depth"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.gpu_kv_blocks is not None and self.gpu_kv_blocks < 1:
-            raise ValueError(f"gpu_kv_blocks must be >= 1, got {self.gpu_kv_blocks}")
-        if self.host_kv_blocks < 0 or self.max_queued_jobs < 0:
-            raise ValueError("host_kv_blocks and max_queued_jobs must be >= 0")
+        S.validate(self)
         if self.kv_policy in ("proactive", "reactive") and self.host_kv_blocks == 0:
             raise ValueError(f"kv_policy {self.kv_policy} moves KV to host memory: give --host-kv-blocks > 0 "
                              f"or use --kv-policy recompute|none")
@@ -77,33 +83,42 @@ class NodeConfig:
 
     # ------------------------------------------------------------------ per-service configs
     def scheduler_config(self, **kw):
-        from fastserve.scheduler.service.service import SchedulerServiceConfig
+        from fastserve.scheduler.service.config import SchedulerServiceConfig
 
-        return SchedulerServiceConfig(
-            replica=self.replica, model=self.model_name(), policy=self.policy, kv_policy=self.kv_policy,
-            max_batch_size=self.max_batch_size, max_tokens_per_batch=self.max_tokens_per_batch,
-            gpu_kv_blocks=self.gpu_kv_blocks, host_kv_blocks=self.host_kv_blocks if self.host_kv_enabled else 0,
-            profile=self.profile, max_queued_jobs=self.max_queued_jobs, pipeline_depth=self.pipeline_depth, **kw)
+        return pick(SchedulerServiceConfig, self, served_model_name=self.model_name(),
+                    instance_id=self._instance("scheduler"), **kw)
 
     def worker_config(self, **kw):
         from fastserve.gpu_worker.service import WorkerServiceConfig
 
-        return WorkerServiceConfig(
-            model=self._need_model(), replica=self.replica, device=self.device, dtype=self.dtype,
-            block_size=self.block_size, gpu_kv_blocks=self.gpu_kv_blocks,
-            host_kv_blocks=self.host_kv_blocks if self.host_kv_enabled else 0, host_kv_path=self.host_kv_path, **kw)
+        return pick(WorkerServiceConfig, self, model=self._need_model(), instance_id=self._instance("worker"), **kw)
 
     def kvstore_config(self, **kw):
         from fastserve.kvstore.service import KVStoreServiceConfig
 
-        return KVStoreServiceConfig(
-            model=self._need_model(), replica=self.replica, block_size=self.block_size, dtype=self.dtype,
-            host_kv_blocks=self.host_kv_blocks, host_kv_path=self.host_kv_path, **kw)
+        return pick(KVStoreServiceConfig, self, model=self._need_model(), instance_id=self._instance("kvstore"), **kw)
+
+    def gateway_config(self, **kw):
+        from fastserve.gateway.config import GatewayConfig
+
+        return pick(GatewayConfig, self, served_model_name=self.model_name(), instance_id=self._instance("gw"), **kw)
+
+    def _instance(self, service: str) -> str:
+        # One --instance-id names the process; `up` runs several services in it.
+        return f"{self.instance_id}-{service}" if self.instance_id else ""
 
     def _need_model(self) -> str:
         if not self.model:
             raise ConfigError("--model (or FASTSERVE_MODEL) is required")
         return self.model
+
+
+def pick(cls, source, **overrides):
+    """Build config `cls` from the same-named fields of `source`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {f.name: getattr(source, f.name) for f in dataclasses.fields(source) if f.name in names}
+    values.update(overrides)
+    return cls(**values)
 
 
 def ensure_default_model(cache: str | Path, preset: str = "small") -> Path:
@@ -163,8 +178,8 @@ class Stack:
 
         from fastserve.gateway.app import create_app
 
-        app = create_app(gateway_config(self.cfg, **self.gateway_overrides), self.bus)
-        self.runner = web.AppRunner(app, access_log=None)
+        app = create_app(self.cfg.gateway_config(**self.gateway_overrides), self.bus)
+        self.runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.cfg.host, self.cfg.port)
         await site.start()
@@ -180,22 +195,6 @@ class Stack:
         for svc in (self.scheduler, self.worker, self.kvstore):
             if svc is not None:
                 await svc.stop()
-
-
-def gateway_config(cfg: NodeConfig, **overrides):
-    """The gateway's config from the shared node flags."""
-    import dataclasses
-
-    from fastserve.gateway.config import GatewayConfig
-
-    names = {f.name for f in dataclasses.fields(GatewayConfig)}
-    values = {"model": cfg.model, "model_dir": cfg.model, "served_model_name": cfg.model_name(),
-              "broker": cfg.broker, "namespace": cfg.namespace, "host": cfg.host, "port": cfg.port,
-              "api_keys": tuple(k for k in (cfg.api_key or "").split(",") if k),
-              "log_level": cfg.log_level}
-    kw = {k: v for k, v in values.items() if k in names}
-    kw.update(overrides)
-    return GatewayConfig(**kw)
 
 
 # ---------------------------------------------------------------------- commands

@@ -55,7 +55,7 @@ async def run_gateway(config: GatewayConfig, bus=None, stop: asyncio.Event | Non
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)  # the handler only sets a flag
-    runner = web.AppRunner(create_app(config, bus), access_log=None)
+    runner = web.AppRunner(create_app(config, bus), access_log=None, handler_cancellation=True)
     try:
         await runner.setup()
         await web.TCPSite(runner, config.host, config.port).start()

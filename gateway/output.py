@@ -110,6 +110,6 @@ class ChoiceOutput:
         lps = ev.logprobs or [0.0] * len(ev.token_ids)
         tops = ev.top_logprobs or [None] * len(ev.token_ids)
         for tid, lp, top in zip(ev.token_ids, lps, tops):
-            alts = [(int(t), self.model.token_text(int(t)), float(v)) for t, v in (top or [])]
+            alts = [(t.token_id, self.model.token_text(t.token_id), t.logprob) for t in (top or [])]
             out.append(TokenLogprob(tid, self.model.token_text(tid), float(lp), alts))
         return out

@@ -44,7 +44,9 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     state = request.app[STATE]
     body = await read_json(request)
     parse = parse_completion if kind == "completion" else parse_chat
-    req = parse(body, state.config, state.model)
+    # Tokenization and template rendering run in a thread: a huge prompt must
+    # not freeze every other stream of this gateway (they are size-checked first).
+    req = await asyncio.to_thread(parse, body, state.config, state.model)
     state.tracker.admit(len(req.prompts) * req.n)
     request_id = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
     trace_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
@@ -54,62 +56,57 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
             index = p * req.n + j
             choices.append(ChoiceOutput(index, state.model, prompt, req.stop, include_stop=req.include_stop_str_in_output,
                                         logprobs=req.logprobs, skip_special_tokens=req.skip_special_tokens))
-            jobs.append((f"{request_id}-{index}", prompt, req.choice_sampling(j).to_dict()))
+            jobs.append((f"{request_id}-{index}", prompt, req.choice_sampling(j)))
     with bind_job(request_id, trace_id):
         arrival = time.monotonic()
-        log.info("request.received", kind=kind, prompts=len(req.prompts), n=req.n, stream=req.stream,
-                 prompt_tokens=[len(p) for p in req.prompts], max_tokens=req.sampling.max_tokens)
+        log.debug("request.received", kind=kind, prompts=len(req.prompts), n=req.n, stream=req.stream,
+                  prompt_tokens=[len(p) for p in req.prompts], max_tokens=req.sampling.max_tokens)
         sub = await state.tracker.submit(trace_id, jobs)
         try:
             if req.stream:
                 return await _stream(request, state, req, sub, choices, request_id, trace_id, arrival)
             return await _full(request, state, req, sub, choices, request_id, trace_id, arrival)
         except ClientGone:
-            log.info("request.client_gone")
+            log.info("request.client_gone", stream=req.stream)
             return web.Response(status=499)
+        except asyncio.CancelledError:
+            # The client went away and aiohttp cancelled the handler: the jobs are cancelled below.
+            log.info("request.client_gone", stream=req.stream)
+            raise
         finally:
             state.tracker.release(sub, reason="client disconnected")
 
 
-def _client_gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
 async def _events(request: web.Request, state: GatewayState, sub: Submission, choices: list[ChoiceOutput],
                   arrival: float) -> AsyncIterator[tuple[ChoiceOutput, Delta]]:
-    """(choice, delta) as token events arrive, until every choice is finished."""
+    """(choice, delta) as token events arrive, until every choice is finished
+    or the request's deadline passes (then the unfinished choices end in an error)."""
     timings = [_Timing(arrival) for _ in choices]
-    getter: asyncio.Future | None = None
-    try:
-        while not all(c.finished for c in choices):
-            if getter is None:
-                getter = asyncio.ensure_future(sub.events.get())
-            done, _ = await asyncio.wait({getter}, timeout=state.config.disconnect_poll)
-            if not done:
-                if _client_gone(request):
-                    raise ClientGone()
-                continue
-            index, ev = getter.result()
-            getter = None
-            c = choices[index]
-            if c.finished:
-                continue  # e.g. tokens that were in flight when a stop string matched
-            _observe(state, timings[index], ev)
-            delta = c.add(ev)
-            if c.finished:
-                job_id = sub.job_ids[index]
-                if c.stopped_by_string:
-                    state.tracker.release_job(sub, job_id, reason="stop string")
-                else:
-                    state.tracker.mark_finished(sub, job_id)
-                if c.error is None:
-                    state.metrics.observe_finished(time.monotonic() - arrival, c.finish_reason or "stop",
-                                                   c.prompt_len, c.num_tokens)
-            yield c, delta
-    finally:
-        if getter is not None:
-            getter.cancel()
+    while not all(c.finished for c in choices):
+        try:
+            index, ev = await asyncio.wait_for(sub.events.get(), max(sub.deadline - time.time(), 0.0))
+        except asyncio.TimeoutError:
+            for c in choices:
+                if not c.finished:
+                    c.error = (f"the request did not finish within its deadline "
+                               f"({state.config.request_timeout:g}s, --request-timeout)")
+                    yield c, Delta()
+            return
+        c = choices[index]
+        if c.finished:
+            continue  # e.g. tokens that were in flight when a stop string matched
+        _observe(state, timings[index], ev)
+        delta = c.add(ev)
+        if c.finished:
+            job_id = sub.job_ids[index]
+            if c.stopped_by_string:
+                state.tracker.release_job(sub, job_id, reason="stop string")
+            else:
+                state.tracker.mark_finished(sub, job_id)
+            if c.error is None:
+                state.metrics.observe_finished(time.monotonic() - arrival, c.finish_reason or "stop",
+                                               c.prompt_len, c.num_tokens)
+        yield c, delta
 
 
 def _observe(state: GatewayState, t: _Timing, ev) -> None:
@@ -154,6 +151,8 @@ def _chat_logprobs(lps: list[TokenLogprob]) -> dict:
 
 
 def _error_from_event(c: ChoiceOutput) -> APIError:
+    if "deadline" in (c.error or ""):
+        return APIError(504, f"Request timed out: {c.error}", "timeout", None, "timeout")
     return APIError(500, f"The backend failed this request: {c.error}", "server_error", None, "internal_error")
 
 

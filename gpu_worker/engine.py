@@ -69,6 +69,11 @@ class Engine:
         return max(1, min(_CPU_DEFAULT_SEQS * blocks_per_seq, _CPU_KV_BYTES // per_block))
 
     # -- block copies -------------------------------------------------------
+    def set_host_pool(self, host_kv_buffer, num_host_blocks: int = 0) -> None:
+        """Map another host pool (the KV store's shared memory). No copy may be running."""
+        self.kv.set_host_buffer(host_kv_buffer, num_host_blocks)
+        self.num_host_blocks = self.kv.num_host_blocks
+
     def copy_out(self, gpu_blocks: list[int], host_blocks: list[int]) -> CopyHandle:
         """Copy device blocks to host blocks (all layers). Async on CUDA."""
         return self.kv.copy_out(list(gpu_blocks), list(host_blocks))

@@ -83,15 +83,21 @@ class KVCache:
         self.block_size = block_size
         self.num_blocks = num_blocks
         block_shape = (num_layers, 2, block_size, num_kv_heads, head_dim)
+        self._block_shape = block_shape
         self.block_numel = num_layers * 2 * block_size * num_kv_heads * head_dim
         self.bytes_per_block = self.block_numel * torch.empty((), dtype=dtype).element_size()
         self.gpu = torch.zeros((num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim),
                                dtype=dtype, device=self.device)
-        self.host = self._host_pool(block_shape, num_host_blocks, host_buffer)
-        self.num_host_blocks = self.host.shape[0]
         self.on_cuda = self.device.type == "cuda"
+        self.set_host_buffer(host_buffer, num_host_blocks)
         self.copy_stream = torch.cuda.Stream(self.device) if self.on_cuda else None
         self._pending: list[CopyHandle] = []
+
+    def set_host_buffer(self, host_buffer, num_host_blocks: int = 0) -> None:
+        """Use another host pool (a restarted KV store's new one). The caller
+        makes sure no copy to or from the old one is running."""
+        self.host = self._host_pool(self._block_shape, num_host_blocks, host_buffer)
+        self.num_host_blocks = self.host.shape[0]
 
     def _host_pool(self, block_shape, num_host_blocks: int, host_buffer) -> torch.Tensor:
         self.host_pinned = False
@@ -113,7 +119,7 @@ class KVCache:
         if self.device.type == "cuda" and n and not pool.is_pinned():
             self.host_pinned = _pin(pool)
             if self.host_pinned:
-                weakref.finalize(self, _unpin, pool.data_ptr())
+                weakref.finalize(pool, _unpin, pool.data_ptr())
         return pool
 
     def _check(self, gpu_blocks: list[int], host_blocks: list[int]) -> None:

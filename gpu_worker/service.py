@@ -1,10 +1,22 @@
-"""The GPU worker service: executes the scheduler's batch commands on an
-`Engine` and the KV store's block copies beside them.
+"""The GPU worker service: executes its scheduler's batch commands on an
+`Engine`, and the KV store's block copies beside them.
 
-One consumer on the worker queue receives both kinds of message in order and
-only files them: steps run one after another in `_step_loop` (in a thread, so
-the event loop keeps copying, heartbeating and receiving), copies run as soon
-as the steps they depend on are done, concurrently with the current step.
+Its command queue belongs to this instance (exclusive: it dies with the
+process, stale commands included). One consumer receives both kinds of
+message in order and only files them: steps run one after another in
+`_step_loop` (in a thread, so the event loop keeps copying, heartbeating and
+receiving); copies run in their own thread, one at a time, beside the steps.
+The scheduler never moves or frees the blocks of a job with an iteration in
+flight, so copies and steps never touch the same blocks.
+
+The worker holds every job's tokens and appends each one it samples: a
+decode job in consecutive commands reads the token it sampled the iteration
+before, so the scheduler can plan iteration i+1 while i runs.
+
+A command of a newer epoch means the scheduler started over (it lost track
+of what this worker holds): every job is forgotten first. Commands of older
+epochs are dropped. A job whose part of a step fails (bad parameters, ...)
+gets an error alone; the rest of the batch goes on.
 """
 from __future__ import annotations
 
@@ -12,39 +24,40 @@ import asyncio
 import time
 import uuid
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import structlog
 
 from fastserve.common import names
+from fastserve.common import settings as S
 from fastserve.common.bus import Bus
 from fastserve.common.lifecycle import ServiceTasks, send_heartbeats
-from fastserve.common.schemas import BatchCommand, BatchResult, KVCopy, KVCopyDone, decode, encode
+from fastserve.common.outbox import Outbox
+from fastserve.common.schemas import (
+    BatchCommand, BatchResult, KVCopy, KVCopyDone, PoolSpec, SampledToken, TopLogprob, WorkerInfo, decode,
+)
 
 log = structlog.get_logger("fastserve.worker")
 
 
 @dataclass
 class WorkerServiceConfig:
-    model: str  # checkpoint directory
-    replica: str = "default"
-    instance_id: str = ""
-    device: str = "cpu"
-    dtype: str = "float32"
-    block_size: int = 16
-    gpu_kv_blocks: int | None = None  # None: the engine sizes the pool from free memory
-    host_kv_blocks: int = 0
-    host_kv_path: str | None = None  # None: the default path of the replica's KV store
-    heartbeat_interval: float = 1.0
-    pool_wait: float = 60.0  # how long to wait for the KV store's shared pool
+    model: str = S.MODEL()
+    replica: str = S.REPLICA()
+    instance_id: str = S.INSTANCE_ID()
+    device: str = S.DEVICE()
+    dtype: str = S.DTYPE()
+    block_size: int = S.BLOCK_SIZE()
+    gpu_kv_blocks: int | None = S.GPU_KV_BLOCKS()  # None: the engine sizes the pool from free memory
+    heartbeat_interval: float = S.HEARTBEAT_INTERVAL()
 
     def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model is required")
         if not self.instance_id:
             self.instance_id = f"worker-{self.replica}-{uuid.uuid4().hex[:6]}"
-        if self.block_size <= 0 or self.host_kv_blocks < 0:
-            raise ValueError("block_size must be > 0 and host_kv_blocks >= 0")
-        if self.gpu_kv_blocks is not None and self.gpu_kv_blocks <= 0:
-            raise ValueError(f"gpu_kv_blocks must be > 0, got {self.gpu_kv_blocks}")
+        S.validate(self)
 
 
 @dataclass
@@ -61,12 +74,17 @@ class WorkerService:
         self.config = config
         self.bus = bus
         self.engine = None
-        self.pool = None
+        self.pool = None  # the host pool mapped now (common.host_pool.HostKVPool)
+        self.queue = names.worker_queue(config.replica, config.instance_id)
         self.seqs: dict[str, _Seq] = {}
+        self.epoch = -1  # the newest scheduler epoch seen
+        self.received = -1  # highest iteration received in that epoch
+        self.completed = -1  # highest iteration finished in that epoch
         self._steps: asyncio.Queue[BatchCommand] = asyncio.Queue()
-        self._pending_iters: list[int] = []  # received, not yet finished, in order
-        self._step_done = asyncio.Condition()
+        self._copier = ThreadPoolExecutor(1, thread_name_prefix="kv-copy")
         self._tasks = ServiceTasks(log)  # the step loop, the heartbeat and one task per copy
+        self._results = Outbox(bus, self._unroutable)
+        self._reports = Outbox(bus, self._unroutable, exchange=names.KV_EXCHANGE)
         self._stopping = False
         # (prefill tokens, decode jobs, decode context sum, seconds) per step:
         # the in-situ cost of iterations, for calibrating the simulator.
@@ -77,186 +95,232 @@ class WorkerService:
     async def start(self) -> None:
         c = self.config
         self.engine = await asyncio.to_thread(self._make_engine)
-        q = names.worker_queue(c.replica)
         await self.bus.declare_exchange(names.EVENTS_EXCHANGE)
-        await self.bus.declare_queue(q, durable=False)
-        self._tasks.add_subscription(await self.bus.consume(q, self._on_message, prefetch=64))
+        await self.bus.declare_exchange(names.KV_EXCHANGE)
+        await self.bus.declare_queue(self.queue, durable=False, exclusive=True, auto_delete=True)
+        await self.bus.declare_queue(names.scheduler_queue(c.replica), durable=False,
+                                     bindings=[(names.KV_EXCHANGE, names.kv_done_key(c.replica))])
+        self._tasks.add_subscription(await self.bus.consume(self.queue, self._on_message, prefetch=256))
         steps = self._tasks.spawn(self._step_loop(), "worker-steps")
         # A worker whose step loop died must stop looking alive, so the
-        # scheduler fails its jobs at once instead of after result_timeout.
-        self._tasks.spawn(send_heartbeats(self.bus, "worker", c.instance_id, c.heartbeat_interval, self.info,
+        # scheduler gives its jobs to the next worker at once.
+        self._tasks.spawn(send_heartbeats(self.bus, "worker", c.instance_id, c.heartbeat_interval, self._heartbeat,
                                           lambda: not self._stopping and not steps.done(), log),
                           "worker-heartbeat")
         e = self.engine
         log.info("worker started", replica=c.replica, device=c.device, gpu_blocks=e.num_gpu_blocks,
-                 host_blocks=e.num_host_blocks, block_size=e.block_size)
+                 block_size=e.block_size, queue=self.queue)
 
     def _make_engine(self):
         from fastserve.gpu_worker.engine import Engine
-        from fastserve.common.host_pool import HostKVPool, PoolSpec, default_pool_path, kv_bytes_per_block
 
         c = self.config
-        buffer = None
-        if c.host_kv_blocks:
-            bpb = kv_bytes_per_block(c.model, c.block_size, c.dtype)
-            spec = PoolSpec(c.host_kv_path or str(default_pool_path(c.replica)), c.host_kv_blocks, bpb)
-            self.pool = HostKVPool.attach(spec, timeout=c.pool_wait)
-            buffer = self.pool.tensor
-        engine = Engine(c.model, dtype=c.dtype, device=c.device, block_size=c.block_size,
-                        num_gpu_blocks=c.gpu_kv_blocks, num_host_blocks=c.host_kv_blocks,
-                        host_kv_buffer=buffer)
-        if self.pool is not None:
-            assert engine.bytes_per_block == self.pool.spec.bytes_per_block, (
-                engine.bytes_per_block, self.pool.spec.bytes_per_block)
-            if engine.device.type == "cuda":
-                self._check_pinned(engine)
-        return engine
-
-    def _check_pinned(self, engine) -> None:
-        import torch
-
-        # The engine page-locks the shared pool with cudaHostRegister and does
-        # not read its status: a refusal (e.g. a pool file outside tmpfs)
-        # stays as this thread's last CUDA error and would fail whichever
-        # later kernel launch on this thread checks it. A throwaway launch
-        # surfaces (and so clears) it here.
-        error = None
-        for _ in range(2):
-            try:
-                torch.ones(1, device=engine.device).add_(1)
-                torch.cuda.synchronize(engine.device)
-                break
-            except Exception as exc:  # torch.AcceleratorError (a RuntimeError)
-                error = str(exc).splitlines()[0]
-        pinned = bool(engine.kv.host.is_pinned())
-        if error or not pinned:
-            log.warning("host KV pool not page-locked: copies to and from it are synchronous",
-                        cuda_error=error, path=self.pool.spec.path)
+        return Engine(c.model, dtype=c.dtype, device=c.device, block_size=c.block_size,
+                      num_gpu_blocks=c.gpu_kv_blocks)
 
     async def stop(self) -> None:
         self._stopping = True
+        await self._results.drain(2.0)
+        await self._reports.drain(1.0)
         await self._tasks.close()
+        await self._results.close()
+        await self._reports.close()
+        self._copier.shutdown(wait=True)
         if self.pool is not None:
             self.pool.close()
 
-    def info(self) -> dict:
+    def worker_info(self) -> WorkerInfo:
         e = self.engine
         mc = e.model_config
-        return {"replica": self.config.replica, "device": self.config.device,
-                "num_gpu_blocks": e.num_gpu_blocks, "num_host_blocks": e.num_host_blocks,
-                "block_size": e.block_size, "bytes_per_block": e.bytes_per_block,
-                "max_model_len": mc.max_model_len, "vocab_size": mc.vocab_size,
-                "eos_token_ids": list(mc.eos_token_ids), "jobs": len(self.seqs), **self.stats}
+        return WorkerInfo(num_gpu_blocks=e.num_gpu_blocks, block_size=e.block_size, max_model_len=mc.max_model_len,
+                          vocab_size=mc.vocab_size, eos_token_ids=list(mc.eos_token_ids),
+                          bytes_per_block=e.bytes_per_block, device=self.config.device)
+
+    def _heartbeat(self) -> dict:
+        return {"replica": self.config.replica, "queue": self.queue, "worker": self.worker_info(),
+                "epoch": self.epoch, "received": self.received, "completed": self.completed,
+                "info": {"jobs": len(self.seqs), **self.stats}}
+
+    def _unroutable(self, key: str, msg, exc: Exception) -> None:
+        # The scheduler's queue is declared by both sides and survives it; a
+        # result nobody can take is dropped (the scheduler times the batch out).
+        log.warning("reply not deliverable", to=key, message=type(msg).__name__)
 
     # ------------------------------------------------------------------ intake
     async def _on_message(self, body: bytes, headers: dict) -> None:
         msg = decode(body, (BatchCommand, KVCopy))
         if isinstance(msg, BatchCommand):
-            if not msg.run:
-                # Only ids to forget (the scheduler is idle): no step, no reply.
-                assert not msg.new, "a command registering jobs must run them"
-                self._forget(msg.free)
-                return
-            self._pending_iters.append(msg.iteration)
+            if msg.epoch < self.epoch:
+                return  # from before the scheduler started over: stale
+            if msg.epoch > self.epoch:
+                self.epoch, self.received, self.completed = msg.epoch, -1, -1
+            self.received = max(self.received, msg.iteration)
             self._steps.put_nowait(msg)
         else:
-            self._tasks.spawn(self._copy(msg), f"copy-{msg.copy_id}")
+            self._tasks.spawn(self._copy(msg), f"copy-{msg.move_id}")
 
-    def _forget(self, job_ids: list[str]) -> None:
+    def _forget(self, job_ids) -> None:
         for job_id in job_ids:
             seq = self.seqs.pop(job_id, None)
             if seq is not None:
-                log.info("job freed", job_id=job_id, trace_id=seq.trace_id, generated=seq.num_generated)
+                log.debug("job freed", job_id=job_id, trace_id=seq.trace_id, generated=seq.num_generated)
 
     # ------------------------------------------------------------------ steps
     async def _step_loop(self) -> None:
+        epoch = -1
         while not self._stopping:
             cmd = await self._steps.get()
+            if cmd.epoch < self.epoch:
+                continue  # queued before a newer epoch arrived
+            if cmd.epoch != epoch:
+                if self.seqs:
+                    log.warning("scheduler started over: forgetting every job", epoch=cmd.epoch, jobs=len(self.seqs))
+                self.seqs.clear()
+                epoch = cmd.epoch
+                # Copies of the old epoch may still write GPU blocks the
+                # scheduler now hands out again: let them finish first.
+                await asyncio.get_running_loop().run_in_executor(self._copier, lambda: None)
+            self._forget(cmd.free)
+            if not cmd.run:
+                continue  # only ids to forget (the scheduler is idle): no step, no reply
             try:
                 result = await self._run(cmd)
             except Exception as exc:  # report, never die: the scheduler fails the batch's jobs
                 log.exception("step failed", iteration=cmd.iteration)
-                result = BatchResult(replica=cmd.replica, iteration=cmd.iteration, error=f"{type(exc).__name__}: {exc}")
-            async with self._step_done:
-                self._pending_iters.remove(cmd.iteration)
-                self._step_done.notify_all()
-            await self._reply(names.scheduler_queue(cmd.replica), result)
-
-    async def _reply(self, key: str, msg) -> None:
-        try:
-            await self.bus.publish(key, encode(msg))
-        except Exception:  # the scheduler times the batch out; the worker goes on
-            log.exception("reply not delivered", to=key, message=type(msg).__name__)
+                result = BatchResult(replica=cmd.replica, epoch=cmd.epoch, iteration=cmd.iteration,
+                                     worker_id=self.config.instance_id, error=f"{type(exc).__name__}: {exc}")
+            if cmd.epoch == self.epoch:
+                self.completed = max(self.completed, cmd.iteration)
+            self._results.send(names.scheduler_queue(cmd.replica), result)
 
     async def _run(self, cmd: BatchCommand) -> BatchResult:
         from fastserve.gpu_worker.batch import SeqWork
-        from fastserve.common.sampling_params import SamplingParams
 
-        self._forget(cmd.free)
-        for job_id, tokens, sampling, *rest in cmd.new:
-            trace_id = rest[0] if rest else ""
-            self.seqs[job_id] = _Seq(list(tokens), SamplingParams.from_dict(sampling), trace_id=trace_id)
-            log.info("job registered", job_id=job_id, trace_id=trace_id, tokens=len(tokens))
+        errors: dict[str, str] = {}
+        for new in cmd.new:
+            problem = self._check_sampling(new.sampling)
+            if problem:
+                errors[new.job_id] = problem
+                continue
+            self.seqs[new.job_id] = _Seq(list(new.token_ids), new.sampling, num_generated=new.num_generated,
+                                         trace_id=new.trace_id)
+            log.debug("job registered", job_id=new.job_id, trace_id=new.trace_id, tokens=len(new.token_ids))
         work = []
-        for job_id, num_computed, num_new, sample, append, table in cmd.run:
-            seq = self.seqs.get(job_id)
+        for e in cmd.run:
+            if e.job_id in errors:
+                continue
+            seq = self.seqs.get(e.job_id)
             if seq is None:
-                raise KeyError(f"job {job_id} is not known to this worker (lost state?)")
-            if table is not None:
-                seq.block_table = list(table)
+                errors[e.job_id] = "job not known to this worker (lost state?)"
+                continue
+            if e.block_table is not None:
+                seq.block_table = list(e.block_table)
             else:
-                seq.block_table.extend(append)
-            end = num_computed + num_new
-            if end > len(seq.tokens) or (sample and end != len(seq.tokens)):
-                raise ValueError(f"job {job_id}: tokens [{num_computed}, {end}) but the worker holds {len(seq.tokens)}")
-            work.append(SeqWork(job_id=job_id, token_ids=seq.tokens[num_computed:end], num_computed=num_computed,
-                                block_table=list(seq.block_table), sampling=seq.sampling,
-                                num_generated=seq.num_generated, sample=bool(sample)))
-        results, seconds = await asyncio.to_thread(self._timed_step, work)
+                seq.block_table.extend(e.append_blocks)
+            end = e.num_computed + e.num_new_tokens
+            if end > len(seq.tokens) or (e.sample and end != len(seq.tokens)):
+                errors[e.job_id] = f"tokens [{e.num_computed}, {end}) but the worker holds {len(seq.tokens)}"
+                continue
+            w = SeqWork(job_id=e.job_id, token_ids=seq.tokens[e.num_computed:end], num_computed=e.num_computed,
+                        block_table=list(seq.block_table), sampling=seq.sampling, num_generated=seq.num_generated,
+                        sample=e.sample)
+            try:
+                self.engine.validate(w)
+            except ValueError as exc:
+                errors[e.job_id] = str(exc)
+                continue
+            work.append(w)
+        results, seconds, failed = await asyncio.to_thread(self._isolated_step, work)
+        errors.update(failed)
         out = []
         for r in results:
             seq = self.seqs[r.job_id]
             seq.tokens.append(r.token_id)
             seq.num_generated += 1
-            top = [[int(t), float(v)] for t, v in r.top_logprobs] if r.top_logprobs else None
-            out.append([r.job_id, int(r.token_id), float(r.logprob), top])
+            top = [TopLogprob(int(t), float(v)) for t, v in r.top_logprobs] if r.top_logprobs else None
+            out.append(SampledToken(r.job_id, int(r.token_id), float(r.logprob), top))
+        for job_id, error in errors.items():
+            log.warning("job failed in the worker", job_id=job_id, error=error)
+            self.seqs.pop(job_id, None)
+            out.append(SampledToken(job_id, error=error))
         self.stats["steps"] += 1
         self.stats["step_seconds"] += seconds
         decodes = [w.num_computed + 1 for w in work if len(w.token_ids) == 1]
         self.step_log.append((sum(len(w.token_ids) for w in work if len(w.token_ids) > 1),
                               len(decodes), sum(decodes), seconds))
-        return BatchResult(replica=cmd.replica, iteration=cmd.iteration, results=out, step_seconds=seconds)
+        return BatchResult(replica=cmd.replica, epoch=cmd.epoch, iteration=cmd.iteration,
+                           worker_id=self.config.instance_id, tokens=out, step_seconds=seconds)
 
-    def _timed_step(self, work):
+    def _check_sampling(self, sampling) -> str | None:
+        vocab = self.engine.model_config.vocab_size
+        if sampling.top_k > vocab:
+            return f"top_k ({sampling.top_k}) exceeds the vocabulary size ({vocab})"
+        bad = [t for t in sampling.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            return f"stop_token_ids {bad[:5]} outside the vocabulary [0, {vocab})"
+        return None
+
+    def _isolated_step(self, work):
+        """engine.step over the batch; if it fails, each job alone, so that
+        only the jobs that fail by themselves get an error."""
         t0 = time.perf_counter()
-        results = self.engine.step(work)  # no results when only non-final prefill chunks ran
-        return results, time.perf_counter() - t0
+        try:
+            return self.engine.step(work), time.perf_counter() - t0, {}
+        except Exception as exc:
+            if len(work) <= 1:
+                return [], time.perf_counter() - t0, {w.job_id: f"{type(exc).__name__}: {exc}" for w in work}
+            log.warning("batch step failed; running its jobs one by one", error=f"{type(exc).__name__}: {exc}")
+        results, failed = [], {}
+        for w in work:
+            try:
+                results.extend(self.engine.step([w]))
+            except Exception as exc:
+                failed[w.job_id] = f"{type(exc).__name__}: {exc}"
+        return results, time.perf_counter() - t0, failed
 
     # ------------------------------------------------------------------ copies
     async def _copy(self, msg: KVCopy) -> None:
-        # The blocks of an offload were written by steps up to after_iteration:
-        # wait for those steps, but not for later ones (the copy overlaps them).
-        async with self._step_done:
-            await self._step_done.wait_for(
-                lambda: not any(i <= msg.after_iteration for i in self._pending_iters))
         t0 = time.perf_counter()
         error = None
         try:
-            # In a thread: on CPU the copy itself is synchronous; on CUDA this
-            # only queues it on the engine's side stream.
-            copy = self.engine.copy_out if msg.direction == "offload" else self.engine.copy_in
-            handle = await asyncio.to_thread(copy, list(msg.src_blocks), list(msg.dst_blocks))
-            while not handle.done():
-                await asyncio.sleep(0.0005)
-            handle.wait()
+            await asyncio.get_running_loop().run_in_executor(self._copier, self._copy_blocking, msg)
         except Exception as exc:
-            log.exception("copy failed", job_id=msg.job_id, copy_id=msg.copy_id)
+            log.exception("copy failed", job_id=msg.job_id, move_id=msg.move_id)
             error = f"{type(exc).__name__}: {exc}"
         seconds = time.perf_counter() - t0
         self.stats["copies"] += 1
         self.stats["copy_seconds"] += seconds
-        self.stats["copy_blocks"] += len(msg.src_blocks)
-        log.debug("copy done", job_id=msg.job_id, direction=msg.direction, blocks=len(msg.src_blocks), seconds=seconds)
-        done = KVCopyDone(replica=msg.replica, copy_id=msg.copy_id, job_id=msg.job_id, direction=msg.direction,
+        self.stats["copy_blocks"] += len(msg.gpu_blocks)
+        log.debug("copy done", job_id=msg.job_id, direction=msg.direction, blocks=len(msg.gpu_blocks),
+                  seconds=seconds)
+        done = KVCopyDone(replica=msg.replica, move_id=msg.move_id, job_id=msg.job_id, direction=msg.direction,
                           seconds=seconds, error=error)
-        await self._reply(msg.reply_to or names.scheduler_queue(msg.replica), done)
+        self._reports.send(names.kv_done_key(msg.replica), done)
+
+    def _copy_blocking(self, msg: KVCopy) -> None:
+        """In the copy thread (one at a time): map the KV store's pool if it
+        changed, then copy. On CUDA the copy runs on the engine's side stream;
+        this waits for it."""
+        self._map_pool(msg.pool)
+        if msg.direction == "offload":
+            handle = self.engine.copy_out(list(msg.gpu_blocks), list(msg.host_blocks))
+        else:
+            handle = self.engine.copy_in(list(msg.host_blocks), list(msg.gpu_blocks))
+        handle.wait()
+
+    def _map_pool(self, spec: PoolSpec) -> None:
+        from fastserve.common.host_pool import HostKVPool
+
+        if self.pool is not None and self.pool.spec == spec:
+            return
+        if spec.bytes_per_block != self.engine.bytes_per_block:
+            raise ValueError(f"the KV store's pool has blocks of {spec.bytes_per_block} bytes, this engine's are "
+                             f"{self.engine.bytes_per_block} (another model, dtype or block size?)")
+        pool = HostKVPool.attach(spec)
+        self.engine.set_host_pool(pool.tensor, spec.num_blocks)
+        if self.engine.device.type == "cuda" and not self.engine.kv.host_pinned:
+            log.warning("host KV pool not page-locked: copies to and from it are synchronous", path=spec.path)
+        old, self.pool = self.pool, pool
+        if old is not None:
+            old.close()
+        log.info("host KV pool mapped", path=spec.path, blocks=spec.num_blocks)

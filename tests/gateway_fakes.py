@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from fastserve.common import names
 from fastserve.common.schemas import (
-    Heartbeat, JobCancel, JobSubmit, SchedulerStats, TokenEvent, decode, encode,
+    Heartbeat, JobCancel, JobSubmit, SchedulerStats, TokenBatch, TokenEvent, TopLogprob, decode, encode,
 )
 from fastserve.gateway.app import create_app
 from fastserve.gateway.config import GatewayConfig
@@ -59,7 +59,7 @@ class EchoScheduler:
         now = time.time()
         for service in ("scheduler", "worker"):
             await self.bus.publish(names.heartbeat_key(service, "echo"),
-                                   encode(Heartbeat(service, "echo", now, {})), exchange=names.EVENTS_EXCHANGE)
+                                   encode(Heartbeat(service, "echo", now)), exchange=names.EVENTS_EXCHANGE)
         stats = SchedulerStats("echo", now, model="m", queue_lengths=[len(self._jobs)], num_running=len(self._jobs),
                                num_waiting=self.num_waiting, max_queued_jobs=self.max_queued_jobs)
         await self.bus.publish(names.stats_key("echo"), encode(stats), exchange=names.EVENTS_EXCHANGE)
@@ -86,7 +86,7 @@ class EchoScheduler:
         s = job.sampling
         prompt = job.prompt_token_ids
         if self.error:
-            await self._send(job, TokenEvent(job.job_id, job.trace_id, [], error=self.error))
+            await self._send(job, TokenEvent(job.job_id, [], error=self.error))
             return
         out: list[int] = []
         pending: list[int] = []
@@ -96,18 +96,19 @@ class EchoScheduler:
             out.append(tok)
             pending.append(tok)
             finish = None
-            if tok in s.get("stop_token_ids", []):
+            if tok in s.stop_token_ids:
                 finish = "stop"
-            elif len(out) >= s["max_tokens"]:
+            elif len(out) >= s.max_tokens:
                 finish = "length"
             if finish or len(pending) >= self.tokens_per_event:
-                k = s.get("logprobs")
+                k = s.logprobs
                 ev = TokenEvent(
-                    job.job_id, job.trace_id, pending,
+                    job.job_id, pending,
                     logprobs=[-0.5] * len(pending) if k is not None else None,
-                    top_logprobs=[[[t, -0.5], [(t + 1) % 1000, -1.5]][:k] for t in pending] if k else None,
+                    top_logprobs=[[TopLogprob(t, -0.5), TopLogprob((t + 1) % 1000, -1.5)][:k] for t in pending]
+                    if k else None,
                     finish_reason=finish, num_prompt_tokens=len(prompt), num_generated=len(out),
-                    queue_time=0.001 if first else None, scheduler_id="echo")
+                    queue_time=0.001 if first else None)
                 first = False
                 pending = []
                 await self._send(job, ev)
@@ -118,7 +119,7 @@ class EchoScheduler:
                 await asyncio.sleep(self.token_delay)
 
     async def _send(self, job: JobSubmit, ev: TokenEvent) -> None:
-        await self.bus.publish(job.reply_to, encode(ev))
+        await self.bus.publish(job.reply_to, encode(TokenBatch("echo", [ev])))
 
 
 @contextlib.asynccontextmanager
@@ -126,7 +127,7 @@ async def gateway(bus, model_dir, *, echo: EchoScheduler | None = None, **config
     """Yields (aiohttp TestClient, EchoScheduler or None)."""
     cfg = GatewayConfig(model=str(model_dir), served_model_name=config.pop("served_model_name", "tiny"), **config)
     app = create_app(cfg, bus)
-    client = TestClient(TestServer(app))
+    client = TestClient(TestServer(app, handler_cancellation=True))
     await client.start_server()
     if echo is not None:
         await echo.start()

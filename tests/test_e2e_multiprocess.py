@@ -26,8 +26,8 @@ async def _cleanup_broker(url: str, namespace: str, replica: str) -> None:
     bus = RabbitBus(url, namespace=namespace)
     await bus.connect()
     await bus.declare_queue(names.JOB_QUEUE, durable=True)
-    for q in (names.scheduler_queue(replica), names.worker_queue(replica), names.kvstore_queue(replica)):
-        await bus.declare_queue(q, durable=False)
+    # The worker's and the KV store's queues are exclusive: they went with their processes.
+    await bus.declare_queue(names.scheduler_queue(replica), durable=False)
     await bus.delete_declared()
     await bus.close()
 
@@ -39,12 +39,12 @@ async def test_four_processes_on_rabbitmq_serve_a_request(rabbitmq_url, tiny_mod
     env = {**os.environ, "FASTSERVE_BROKER": rabbitmq_url, "FASTSERVE_NAMESPACE": namespace,
            "FASTSERVE_MODEL": str(tiny_model_dir), "FASTSERVE_REPLICA": replica, "FASTSERVE_HOST": "127.0.0.1",
            "FASTSERVE_PORT": str(port), "FASTSERVE_GPU_KV_BLOCKS": "64", "FASTSERVE_HOST_KV_BLOCKS": "32",
-           "FASTSERVE_HOST_KV_PATH": str(tmp_path / "pool.bin")}
+           "FASTSERVE_HOST_KV_DIR": str(tmp_path), "FASTSERVE_LOG_LEVEL": "DEBUG"}
     procs, logs = {}, {}
     try:
         for service in ("kvstore", "worker", "scheduler", "gateway"):
             logs[service] = open(tmp_path / f"{service}.log", "wb")
-            procs[service] = subprocess.Popen([sys.executable, "-m", "fastserve.deploy.cli", service], env=env,
+            procs[service] = subprocess.Popen([sys.executable, "-m", "fastserve.cli", service], env=env,
                                               stdout=logs[service], stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
         try:
@@ -75,7 +75,7 @@ async def test_four_processes_on_rabbitmq_serve_a_request(rabbitmq_url, tiny_mod
             f.close()
         await _cleanup_broker(rabbitmq_url, namespace, replica)
     assert all(c == 0 for c in codes.values()), codes
-    # One id followed across processes: the scheduler's "job received" line names it.
+    # One id followed across processes (per-job lines are DEBUG): the scheduler's "job received" line names it.
     lines = {s: [json.loads(x) for x in (tmp_path / f"{s}.log").read_text().splitlines() if x.startswith("{")]
              for s in procs}
     trace = next(x["trace_id"] for x in lines["scheduler"] if x.get("event") == "job received")

@@ -13,7 +13,7 @@ import uuid
 import aiohttp
 import pytest
 
-from fastserve.deploy.launcher import NodeConfig, Stack
+from fastserve.launcher import NodeConfig, Stack
 
 
 def free_port() -> int:
@@ -37,7 +37,7 @@ async def wait_healthy(base_url: str, timeout: float = 30.0) -> None:
 
 def fastserve_generate(model_dir, prompt: str, max_tokens: int, chat: bool = False) -> dict:
     """What `fastserve generate --json` prints for one greedy prompt."""
-    from fastserve.deploy.cli import main
+    from fastserve.cli import main
 
     out = io.StringIO()
     argv = ["generate", "--model", str(model_dir), "--prompt", prompt, "--max-tokens", str(max_tokens),
@@ -50,7 +50,7 @@ def fastserve_generate(model_dir, prompt: str, max_tokens: int, chat: bool = Fal
 @pytest.fixture
 async def served(bus, tiny_model_dir, tmp_path):
     cfg = NodeConfig(model=str(tiny_model_dir), replica=f"r{uuid.uuid4().hex[:6]}", port=free_port(),
-                     gpu_kv_blocks=64, host_kv_blocks=64, host_kv_path=str(tmp_path / "pool.bin"))
+                     gpu_kv_blocks=64, host_kv_blocks=64, host_kv_dir=str(tmp_path))
     stack = await Stack(cfg, bus).start()
     await wait_healthy(stack.base_url)
     yield stack

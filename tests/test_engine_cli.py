@@ -1,23 +1,19 @@
 """The engine's CLI commands, the profile JSON the scheduler reads, sharded
 checkpoints and the half-precision dtypes."""
-import argparse
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fastserve.gpu_worker import cli
+from fastserve.cli import main
 from fastserve.gpu_worker.batch import SeqWork
 from fastserve.gpu_worker.engine import Engine
 from fastserve.gpu_worker.profiler import profile_engine
 
 
 def run_cli(*argv):
-    parser = argparse.ArgumentParser()
-    cli.register(parser.add_subparsers())
-    args = parser.parse_args([str(a) for a in argv])
-    return args.func(args)
+    return main([str(a) for a in argv])
 
 
 def test_make_model_then_generate_json(tmp_path, capsys):

@@ -72,7 +72,7 @@ async def test_completion_non_streaming(memory_bus, tiny_model_dir, tok):
     assert body["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 7, "total_tokens": n_prompt + 7}
     (job,) = echo.submitted
     assert job.prompt_token_ids == tok.encode(prompt).ids
-    assert job.sampling["max_tokens"] == 7 and job.sampling["temperature"] == 0 and job.sampling["seed"] == 3
+    assert job.sampling.max_tokens == 7 and job.sampling.temperature == 0 and job.sampling.seed == 3
     assert job.reply_to.startswith("fastserve.reply.gw-")
 
 
@@ -120,8 +120,8 @@ async def test_chat_default_max_tokens_fills_the_context(memory_bus, tiny_model_
         body = await (await client.post("/v1/chat/completions", json={
             "model": "tiny", "messages": [{"role": "user", "content": "x"}]})).json()
     job = echo.submitted[0]
-    assert job.sampling["max_tokens"] == 512 - len(job.prompt_token_ids)
-    assert body["usage"]["completion_tokens"] == job.sampling["max_tokens"]
+    assert job.sampling.max_tokens == 512 - len(job.prompt_token_ids)
+    assert body["usage"]["completion_tokens"] == job.sampling.max_tokens
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -176,7 +176,7 @@ async def test_n_choices_and_multiple_prompts(memory_bus, tiny_model_dir, tok):
     assert body["usage"]["completion_tokens"] == 16
     p = len(tok.encode("first prompt").ids) + len(tok.encode("second one here").ids)
     assert body["usage"]["prompt_tokens"] == p
-    assert sorted(j.sampling["seed"] for j in echo.submitted) == [10, 10, 11, 11]
+    assert sorted(j.sampling.seed for j in echo.submitted) == [10, 10, 11, 11]
     assert len({j.job_id for j in echo.submitted}) == 4
 
 
@@ -194,7 +194,7 @@ async def test_logprobs_completion_and_chat(memory_bus, tiny_model_dir, tok):
         content = chat["choices"][0]["logprobs"]["content"]
         assert len(content) == 2 and content[0]["logprob"] == -0.5 and len(content[0]["top_logprobs"]) == 1
         assert content[0]["bytes"] == list(content[0]["token"].encode())
-        assert echo.submitted[0].sampling["logprobs"] == 2 and echo.submitted[1].sampling["logprobs"] == 1
+        assert echo.submitted[0].sampling.logprobs == 2 and echo.submitted[1].sampling.logprobs == 1
 
 
 async def test_multibyte_text_never_splits_a_character(memory_bus, tiny_model_dir, tok):

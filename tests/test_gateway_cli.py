@@ -31,8 +31,8 @@ def _get(url, key=None):
 
 def test_gateway_process_serves_and_stops_on_sigterm(tiny_model_dir):
     port = _free_port()
-    env = {**os.environ, "FASTSERVE_API_KEYS": "secret", "FASTSERVE_SERVED_MODEL_NAME": "tiny-cli"}
-    proc = subprocess.Popen([sys.executable, "-m", "fastserve.deploy.cli", "gateway", "--model", str(tiny_model_dir),
+    env = {**os.environ, "FASTSERVE_API_KEY": "secret", "FASTSERVE_SERVED_MODEL_NAME": "tiny-cli"}
+    proc = subprocess.Popen([sys.executable, "-m", "fastserve.cli", "gateway", "--model", str(tiny_model_dir),
                              "--host", "127.0.0.1", "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -58,6 +58,6 @@ def test_gateway_process_serves_and_stops_on_sigterm(tiny_model_dir):
 
 
 def test_bad_config_exits_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fastserve.deploy.cli", "gateway", "--model", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "fastserve.cli", "gateway", "--model", str(tmp_path),
                            "--port", "1"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "has no tokenizer.json" in proc.stderr

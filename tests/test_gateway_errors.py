@@ -85,7 +85,7 @@ async def test_context_error_names_the_numbers(memory_bus, tiny_model_dir):
 
 
 async def test_api_keys(memory_bus, tiny_model_dir):
-    async with gateway(memory_bus, tiny_model_dir, echo=EchoScheduler(memory_bus), api_keys=("k1", "k2")) as (client, _):
+    async with gateway(memory_bus, tiny_model_dir, echo=EchoScheduler(memory_bus), api_key="k1,k2") as (client, _):
         req = {"model": "tiny", "prompt": "x", "max_tokens": 1}
         missing = await client.post("/v1/completions", json=req)
         assert missing.status == 401 and (await missing.json())["error"]["code"] == "invalid_api_key"
@@ -131,7 +131,7 @@ async def test_no_scheduler_answers_503_after_grace(memory_bus, tiny_model_dir):
 @pytest.mark.parametrize("stream", [True, False])
 async def test_client_disconnect_cancels_the_job(memory_bus, tiny_model_dir, stream):
     echo = EchoScheduler(memory_bus, token_delay=0.05)
-    async with gateway(memory_bus, tiny_model_dir, echo=echo, disconnect_poll=0.05) as (client, _):
+    async with gateway(memory_bus, tiny_model_dir, echo=echo) as (client, _):
         url = client.make_url("/v1/completions")
         req = {"model": "tiny", "prompt": "a long story", "max_tokens": 200, "stream": stream}
         async with aiohttp.ClientSession() as session:

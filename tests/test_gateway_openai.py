@@ -19,7 +19,7 @@ def _expected(model_dir, prompt, n):
 
 
 async def _exercise(bus, model_dir):
-    async with gateway(bus, model_dir, echo=EchoScheduler(bus), api_keys=("sk-test",)) as (tc, _):
+    async with gateway(bus, model_dir, echo=EchoScheduler(bus), api_key="sk-test") as (tc, _):
         oai = _client(tc)
         models = await oai.models.list()
         assert [m.id for m in models.data] == ["tiny"]

@@ -27,7 +27,7 @@ def _feed(model, text, stop, chunks=1, include_stop=False):
     deltas = []
     for i, t in enumerate(ids):
         last = i == len(ids) - 1
-        d = c.add(TokenEvent("j", "t", [t], finish_reason="length" if last else None))
+        d = c.add(TokenEvent("j", [t], finish_reason="length" if last else None))
         deltas.append(d.text)
         if c.finished:
             break
@@ -58,5 +58,5 @@ def test_include_stop_string(model):
 
 def test_error_event(model):
     c = ChoiceOutput(0, model, [], [])
-    d = c.add(TokenEvent("j", "t", [], error="boom"))
+    d = c.add(TokenEvent("j", [], error="boom"))
     assert c.finished and c.error == "boom" and d.text == ""

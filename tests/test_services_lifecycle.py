@@ -80,7 +80,7 @@ async def test_heartbeats_until_not_alive():
         return alive["n"] >= 0
 
     log = RecordingLog()
-    await asyncio.wait_for(send_heartbeats(Bus(), "worker", "w-1", 0.001, lambda: {"beat": next(beats)},
+    await asyncio.wait_for(send_heartbeats(Bus(), "worker", "w-1", 0.001, lambda: {"info": {"beat": next(beats)}},
                                            still_alive, log), 5)
     assert [hb.info["beat"] for _, _, hb in sent] == [0, 1, 2]  # a failed publish did not stop it
     assert {(k, x) for k, x, _ in sent} == {(names.heartbeat_key("worker", "w-1"), names.EVENTS_EXCHANGE)}

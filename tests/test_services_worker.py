@@ -1,15 +1,19 @@
 """The GPU worker service on the in-memory bus, driven by hand-written batch
-commands: deltas only for running jobs, KV copies through the KV store's
-shared-memory pool, errors reported instead of killing the worker."""
+commands: deltas only for running jobs, a decode job fed its own sampled
+token in consecutive commands, epochs, KV copies through a KV store's
+shared-memory pool, and one job's error never touching another's."""
 from __future__ import annotations
 
 import asyncio
 import uuid
 
-import pytest
-
 from fastserve.common import names
-from fastserve.common.schemas import BatchCommand, BatchResult, KVCopy, KVCopyDone, decode, encode
+from fastserve.common.sampling_params import SamplingParams
+from fastserve.common.schemas import (
+    BatchCommand, BatchResult, KVCopy, KVCopyDone, NewJob, RunEntry, decode, encode,
+)
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=64)
 
 
 class Replies:
@@ -19,116 +23,148 @@ class Replies:
     async def handler(self, body, headers):
         self.q.put_nowait(decode(body))
 
-    async def get(self, timeout=30.0):
-        return await asyncio.wait_for(self.q.get(), timeout)
+    async def get(self, timeout=30.0, kind=None):
+        while True:
+            msg = await asyncio.wait_for(self.q.get(), timeout)
+            if kind is None or isinstance(msg, kind):
+                return msg
 
 
-async def _worker(bus, model_dir, replica, host_blocks=0, pool_path=None):
+async def _worker(bus, model_dir, replica):
     from fastserve.gpu_worker.service import WorkerService, WorkerServiceConfig
 
-    cfg = WorkerServiceConfig(model=str(model_dir), replica=replica, gpu_kv_blocks=64,
-                              host_kv_blocks=host_blocks, host_kv_path=pool_path, pool_wait=5)
-    w = WorkerService(cfg, bus)
+    w = WorkerService(WorkerServiceConfig(model=str(model_dir), replica=replica, gpu_kv_blocks=64), bus)
     await w.start()
     replies = Replies()
-    await bus.declare_queue(names.scheduler_queue(replica), durable=False)
     await bus.consume(names.scheduler_queue(replica), replies.handler)
     return w, replies
 
 
 def _greedy(model_dir, prompt, n):
-    from fastserve.gpu_worker.llm import LLM
-    from fastserve.common.sampling_params import SamplingParams
+    from fastserve.llm import LLM
 
     out = LLM(str(model_dir), num_gpu_blocks=64).generate([prompt], SamplingParams(temperature=0.0, max_tokens=n))
     return out[0].token_ids
 
 
-async def _decode_loop(bus, replica, replies, job, start_iter, n, table):
-    """Feed `n` decode iterations of one job (deltas only); return the tokens.
-    A new block is appended (block id 20, 21, ...) when the context outgrows the table."""
-    toks = []
-    for i in range(n):
-        append = []
-        if job["len"] > 16 * job["blocks"]:
-            append = [20 + job["blocks"]]
-            job["blocks"] += 1
-        cmd = BatchCommand(replica=replica, iteration=start_iter + i,
-                           run=[[job["id"], job["len"] - 1, 1, True, append, table if i == 0 else None]])
-        await bus.publish(names.worker_queue(replica), encode(cmd))
-        res = await replies.get()
-        assert isinstance(res, BatchResult) and res.error is None, res
-        toks.append(res.results[0][1])
-        job["len"] += 1
-    return toks
+async def _send(bus, w, cmd):
+    await bus.publish(w.queue, encode(cmd))
 
 
-async def test_worker_runs_commands_with_deltas_like_the_engine(memory_bus, tiny_model_dir):
+async def test_commands_with_deltas_and_in_flight_decodes_match_the_engine(memory_bus, tiny_model_dir):
     replica = f"r{uuid.uuid4().hex[:6]}"
     prompt = [5, 17, 99, 3, 250] + list(range(100, 125))  # 30 tokens: 2 blocks
     expected = _greedy(tiny_model_dir, prompt, 6)
     w, replies = await _worker(memory_bus, tiny_model_dir, replica)
     try:
-        sampling = {"temperature": 0.0, "max_tokens": 6}
         # Chunked prefill: 10 tokens without sampling, then the rest.
-        cmd = BatchCommand(replica=replica, iteration=0, new=[["a", prompt, sampling]],
-                           run=[["a", 0, 10, False, [3], None]])
-        await memory_bus.publish(names.worker_queue(replica), encode(cmd))
+        await _send(memory_bus, w, BatchCommand(replica, 0, 0, new=[NewJob("a", "t", prompt, GREEDY)],
+                                                run=[RunEntry("a", 0, 10, False, append_blocks=[3])]))
         res = await replies.get()
-        assert res.iteration == 0 and res.results == [] and res.error is None
-        cmd = BatchCommand(replica=replica, iteration=1, run=[["a", 10, 20, True, [7], None]])
-        await memory_bus.publish(names.worker_queue(replica), encode(cmd))
-        res = await replies.get()
-        toks = [res.results[0][1]]
-        job = {"id": "a", "len": len(prompt) + 1, "blocks": 2}
-        # A third block is appended as a delta when the context crosses 32 tokens.
-        toks += await _decode_loop(memory_bus, replica, replies, job, 2, 5, None)
+        assert res.iteration == 0 and res.tokens == [] and res.error is None
+        await _send(memory_bus, w, BatchCommand(replica, 0, 1, run=[RunEntry("a", 10, 20, True, append_blocks=[7])]))
+        # Sent before iteration 1's result is back: the worker feeds `a` the
+        # token iteration 1 samples (asynchronous iterations).
+        for it, pos in ((2, 30), (3, 31), (4, 32), (5, 33), (6, 34)):
+            append = [9] if pos == 32 else []  # a third block once the context passes 32 tokens
+            await _send(memory_bus, w, BatchCommand(replica, 0, it, run=[RunEntry("a", pos, 1, True,
+                                                                                  append_blocks=append)]))
+        toks = []
+        for it in range(1, 7):
+            res = await replies.get()
+            assert isinstance(res, BatchResult) and res.iteration == it and res.error is None, res
+            toks.append(res.tokens[0].token_id)
         assert toks == expected
-        # A job the worker does not know is an error result, and the worker lives on.
-        bad = BatchCommand(replica=replica, iteration=9, run=[["nope", 0, 1, True, [1], None]])
-        await memory_bus.publish(names.worker_queue(replica), encode(bad))
-        res = await replies.get()
-        assert res.iteration == 9 and "nope" in res.error
         # A free-only command (an idle scheduler's) is applied without a step or a reply.
         assert "a" in w.seqs
-        cmd = BatchCommand(replica=replica, iteration=-1, free=["a"])
-        await memory_bus.publish(names.worker_queue(replica), encode(cmd))
+        await _send(memory_bus, w, BatchCommand(replica, 0, -1, free=["a"]))
         await asyncio.sleep(0.05)
         assert "a" not in w.seqs and replies.q.empty()
     finally:
         await w.stop()
 
 
-async def test_worker_offload_and_upload_through_the_shared_pool(memory_bus, tiny_model_dir, tmp_path):
+async def test_one_jobs_error_leaves_the_others_running(memory_bus, tiny_model_dir):
+    replica = f"r{uuid.uuid4().hex[:6]}"
+    w, replies = await _worker(memory_bus, tiny_model_dir, replica)
+    vocab = w.engine.model_config.vocab_size
+    try:
+        bad_topk = SamplingParams(temperature=1.0, top_k=2**40, max_tokens=4)
+        cmd = BatchCommand(replica, 0, 0, new=[NewJob("ok", "t", [1, 2, 3], GREEDY),
+                                               NewJob("topk", "t", [1, 2, 3], bad_topk),
+                                               NewJob("tok", "t", [1, vocab + 5], GREEDY)],
+                           run=[RunEntry("ok", 0, 3, True, append_blocks=[0]),
+                                RunEntry("topk", 0, 3, True, append_blocks=[1]),
+                                RunEntry("tok", 0, 2, True, append_blocks=[2]),
+                                RunEntry("ghost", 0, 1, True, append_blocks=[3])])
+        await _send(memory_bus, w, cmd)
+        res = await replies.get()
+        assert res.error is None
+        by_job = {t.job_id: t for t in res.tokens}
+        assert by_job["ok"].error is None and 0 <= by_job["ok"].token_id < vocab
+        assert "top_k" in by_job["topk"].error
+        assert "vocabulary" in by_job["tok"].error
+        assert "not known" in by_job["ghost"].error
+        assert set(w.seqs) == {"ok"}
+    finally:
+        await w.stop()
+
+
+async def test_a_new_epoch_forgets_every_job_and_older_commands_are_dropped(memory_bus, tiny_model_dir):
+    replica = f"r{uuid.uuid4().hex[:6]}"
+    w, replies = await _worker(memory_bus, tiny_model_dir, replica)
+    try:
+        await _send(memory_bus, w, BatchCommand(replica, 0, 0, new=[NewJob("a", "t", [1, 2, 3], GREEDY)],
+                                                run=[RunEntry("a", 0, 3, True, append_blocks=[0])]))
+        assert (await replies.get()).tokens[0].error is None
+        await _send(memory_bus, w, BatchCommand(replica, 1, 1, new=[NewJob("b", "t", [4, 5], GREEDY)],
+                                                run=[RunEntry("b", 0, 2, True, append_blocks=[1])]))
+        res = await replies.get()
+        assert res.epoch == 1 and res.tokens[0].job_id == "b" and set(w.seqs) == {"b"}
+        await _send(memory_bus, w, BatchCommand(replica, 0, 2, run=[RunEntry("a", 3, 1, True)]))  # stale
+        await asyncio.sleep(0.1)
+        assert replies.q.empty() and (w.epoch, w.received, w.completed) == (1, 1, 1)
+    finally:
+        await w.stop()
+
+
+async def test_offload_and_upload_through_a_kv_store_pool(memory_bus, tiny_model_dir, tmp_path):
     from fastserve.common.host_pool import HostKVPool, PoolSpec, kv_bytes_per_block
 
     replica = f"r{uuid.uuid4().hex[:6]}"
-    pool = HostKVPool.create(PoolSpec(str(tmp_path / "pool.bin"), 8, kv_bytes_per_block(tiny_model_dir, 16)))
+    spec = PoolSpec(str(tmp_path / "fastserve-kv-test.bin"), 8, kv_bytes_per_block(tiny_model_dir, 16))
+    pool = HostKVPool.create(spec)
     prompt = list(range(30, 50))  # 20 tokens: 2 blocks
     expected = _greedy(tiny_model_dir, prompt, 5)
-    w, replies = await _worker(memory_bus, tiny_model_dir, replica, host_blocks=8, pool_path=pool.spec.path)
+    w, replies = await _worker(memory_bus, tiny_model_dir, replica)
+    done = Replies()
+    await memory_bus.declare_queue("test.kv", durable=False, bindings=[(names.KV_EXCHANGE, names.kv_done_key(replica))])
+    await memory_bus.consume("test.kv", done.handler)
     try:
-        done = Replies()
-        await memory_bus.declare_queue("test.kv", durable=False)
-        await memory_bus.consume("test.kv", done.handler)
-        cmd = BatchCommand(replica=replica, iteration=0, new=[["j", prompt, {"temperature": 0.0, "max_tokens": 5}]],
-                           run=[["j", 0, 20, True, [0, 1], None]])
-        await memory_bus.publish(names.worker_queue(replica), encode(cmd))
-        toks = [(await replies.get()).results[0][1]]
-        job = {"id": "j", "len": 21, "blocks": 2}
-        toks += await _decode_loop(memory_bus, replica, replies, job, 1, 1, None)
-        # Offload the two blocks to host blocks 5, 6; wipe the GPU blocks; upload into 10, 11.
-        for direction, src, dst in (("offload", [0, 1], [5, 6]), ("upload", [5, 6], [10, 11])):
-            copy = KVCopy(replica=replica, copy_id=direction, job_id="j", direction=direction, src_blocks=src,
-                          dst_blocks=dst, after_iteration=1, reply_to="test.kv")
-            await memory_bus.publish(names.worker_queue(replica), encode(copy))
+        await _send(memory_bus, w, BatchCommand(replica, 0, 0, new=[NewJob("j", "t", prompt, GREEDY)],
+                                                run=[RunEntry("j", 0, 20, True, append_blocks=[0, 1])]))
+        toks = [(await replies.get()).tokens[0].token_id]
+        await _send(memory_bus, w, BatchCommand(replica, 0, 1, run=[RunEntry("j", 20, 1, True)]))
+        toks.append((await replies.get()).tokens[0].token_id)
+        # Offload the two blocks to host blocks 5, 6; wipe the GPU; upload them into 10, 11.
+        for move_id, direction, gpu in ((1, "offload", [0, 1]), (2, "upload", [10, 11])):
+            await _send(memory_bus, w, KVCopy(replica, move_id, "j", direction, gpu, [5, 6], spec))
             rep = await done.get()
-            assert isinstance(rep, KVCopyDone) and rep.error is None and rep.copy_id == direction
+            assert isinstance(rep, KVCopyDone) and rep.error is None and rep.move_id == move_id
             if direction == "offload":
                 assert pool.block_view()[5].any().item()  # the worker wrote our shared pages
                 w.engine.kv.gpu.zero_()
-        toks += await _decode_loop(memory_bus, replica, replies, job, 2, 3, [10, 11])
+        for it, pos in ((2, 21), (3, 22), (4, 23)):
+            table = [10, 11] if it == 2 else None
+            await _send(memory_bus, w, BatchCommand(replica, 0, it, run=[RunEntry("j", pos, 1, True,
+                                                                                  block_table=table)]))
+            toks.append((await replies.get(kind=BatchResult)).tokens[0].token_id)
         assert toks == expected
+        # A copy for a pool that is gone fails alone: reported, nothing else changes.
+        gone = PoolSpec(str(tmp_path / "fastserve-kv-gone.bin"), 8, spec.bytes_per_block)
+        await _send(memory_bus, w, KVCopy(replica, 3, "j", "offload", [10, 11], [0, 1], gone))
+        rep = await done.get()
+        assert rep.move_id == 3 and "missing" in rep.error
     finally:
         await w.stop()
         pool.close()

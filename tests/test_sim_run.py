@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fastserve.deploy.cli import main
+from fastserve.cli import main
 from fastserve.scheduler.core.cost_model import CostModel
 from fastserve.scheduler.sim.simulator import SimConfig, simulate
 from fastserve.scheduler.sim.workload import synthetic

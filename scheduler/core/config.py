@@ -1,30 +1,32 @@
-"""Configuration of the scheduler core, validated when built."""
+"""Configuration of the scheduler core, validated when built. The settings a
+user can set (flags, environment) come from common/settings.py; the rest are
+the core's own tuning constants."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastserve.scheduler.core.policies import POLICY_NAMES
+from fastserve.common import settings as S
 
 
 @dataclass
 class SchedulerCoreConfig:
-    policy: str = "sj-mlfq"
-    max_batch_size: int = 32
-    max_tokens_per_batch: int = 2048
-    block_size: int = 16
-    num_gpu_blocks: int = 4096
-    num_host_blocks: int = 16384
-    max_model_len: int = 2048
-    num_queues: int = 10
-    quantum_ratio: float = 2.0
+    policy: str = S.POLICY()
+    max_batch_size: int = S.MAX_BATCH_SIZE()
+    max_tokens_per_batch: int = S.MAX_TOKENS_PER_BATCH()
+    block_size: int = S.BLOCK_SIZE()
+    num_gpu_blocks: int = 4096  # the worker says how many it has
+    num_host_blocks: int = 16384  # the KV store says how many it has
+    max_model_len: int = 2048  # the model says (common/model_config.py)
+    num_queues: int = S.NUM_QUEUES()
+    quantum_ratio: float = S.QUANTUM_RATIO()
     # Q0's quantum; None: one decode iteration at `typical_batch` jobs of
     # `typical_context` tokens, from the cost model (DESIGN.md).
-    base_quantum: float | None = None
+    base_quantum: float | None = S.BASE_QUANTUM()
     typical_batch: int = 8
     typical_context: int = 512
     # Seconds without running after which a job is promoted to Q0; None:
     # starvation_slo_factor x the SLO (SLO = slo_factor x base quantum).
-    starvation_threshold: float | None = None
+    starvation_threshold: float | None = S.STARVATION_THRESHOLD()
     slo_factor: float = 10.0
     starvation_slo_factor: float = 50.0
     # Promotions are capped per iteration: promoting more jobs than can run
@@ -41,18 +43,12 @@ class SchedulerCoreConfig:
     reschedule_gap: int = 1
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICY_NAMES:
-            raise ValueError(f"unknown scheduling policy {self.policy!r}; choose one of {', '.join(POLICY_NAMES)}")
-        for name in ("max_batch_size", "max_tokens_per_batch", "block_size", "num_gpu_blocks",
-                     "max_model_len", "num_queues", "typical_batch", "max_promotions_per_iteration", "max_candidates",
-                     "reschedule_gap"):
+        if self.policy not in S.POLICIES:
+            raise ValueError(f"unknown scheduling policy {self.policy!r}; choose one of {', '.join(S.POLICIES)}")
+        S.validate(self)
+        for name in ("num_gpu_blocks", "max_model_len", "typical_batch", "max_promotions_per_iteration",
+                     "max_candidates", "reschedule_gap"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_host_blocks < 0:
             raise ValueError(f"num_host_blocks must be >= 0, got {self.num_host_blocks}")
-        if self.quantum_ratio < 1:
-            raise ValueError(f"quantum_ratio must be >= 1, got {self.quantum_ratio}")
-        if self.base_quantum is not None and self.base_quantum <= 0:
-            raise ValueError(f"base_quantum must be > 0, got {self.base_quantum}")
-        if self.starvation_threshold is not None and self.starvation_threshold <= 0:
-            raise ValueError(f"starvation_threshold must be > 0, got {self.starvation_threshold}")

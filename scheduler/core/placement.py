@@ -8,11 +8,13 @@ that will run last are offloaded (or dropped) first, the jobs that will run
 first are uploaded first."""
 from __future__ import annotations
 
+from fastserve.common.settings import KV_POLICIES
+
 import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-KV_POLICY_NAMES = ("proactive", "reactive", "recompute", "none")
+KV_POLICY_NAMES = KV_POLICIES  # defined once, in common/settings.py
 
 
 @dataclass

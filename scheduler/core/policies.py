@@ -3,12 +3,14 @@
 level's quantum, and whether starving jobs are promoted. The core does the rest."""
 from __future__ import annotations
 
+from fastserve.common.settings import POLICIES
+
 import math
 from dataclasses import dataclass
 
 from fastserve.scheduler.core.cost_model import CostModel
 
-POLICY_NAMES = ("sj-mlfq", "mlfq", "fcfs", "srpt")
+POLICY_NAMES = POLICIES  # defined once, in common/settings.py
 
 
 @dataclass

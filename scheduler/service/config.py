@@ -3,62 +3,63 @@ the worker's heartbeat has said how large the worker's KV pool is."""
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from fastserve.scheduler.service.job_table import WorkerInfo
+from fastserve.common import settings as S
+from fastserve.common.schemas import WorkerInfo
 
 
 @dataclass
 class SchedulerServiceConfig:
-    replica: str = "default"
-    instance_id: str = ""
-    model: str = "fastserve"  # served model name, reported in stats
-    policy: str = "sj-mlfq"
-    kv_policy: str = "proactive"
-    max_batch_size: int = 32
-    max_tokens_per_batch: int = 2048
-    gpu_kv_blocks: int | None = None  # None: every block the worker has
-    host_kv_blocks: int = 0
-    profile: str | None = None  # JSON from `fastserve profile`; None: the default cost model
-    max_queued_jobs: int = 0  # 0: unlimited; else stop taking jobs from the shared queue
-    heartbeat_interval: float = 1.0
+    replica: str = S.REPLICA()
+    instance_id: str = S.INSTANCE_ID()
+    served_model_name: str | None = S.SERVED_MODEL_NAME()  # reported in stats
+    policy: str = S.POLICY()
+    kv_policy: str = S.KV_POLICY()
+    max_batch_size: int = S.MAX_BATCH_SIZE()
+    max_tokens_per_batch: int = S.MAX_TOKENS_PER_BATCH()
+    gpu_kv_blocks: int | None = S.GPU_KV_BLOCKS()  # None: every block the worker has
+    num_queues: int = S.NUM_QUEUES()
+    quantum_ratio: float = S.QUANTUM_RATIO()
+    base_quantum: float | None = S.BASE_QUANTUM()
+    starvation_threshold: float | None = S.STARVATION_THRESHOLD()
+    watermark: float = S.WATERMARK()
+    reserve: float = S.RESERVE()
+    profile: str | None = S.PROFILE()
+    max_queued_jobs: int = S.MAX_QUEUED_JOBS()
+    max_batches_in_flight: int = S.MAX_BATCHES_IN_FLIGHT()
+    heartbeat_interval: float = S.HEARTBEAT_INTERVAL()
+    worker_timeout: float = S.WORKER_TIMEOUT()
+    worker_grace: float = S.WORKER_GRACE()
+    kvstore_timeout: float = S.KVSTORE_TIMEOUT()
     stats_interval: float = 0.5
-    result_timeout: float = 600.0  # no batch result this long: the batch failed
-    worker_timeout: float = 10.0  # no worker heartbeat this long while a batch runs: the worker is gone
-    worker_wait: float = 300.0  # how long start() waits for the worker's first heartbeat
-    # Batches in flight at once. 1: schedule -> result -> schedule. More keeps
-    # the worker's queue full while results travel (the core leaves jobs of
-    # outstanding batches out, so on one stage consecutive batches hold
-    # different jobs): for pipelines of several stages, or to hide the bus.
-    pipeline_depth: int = 1
-    core_options: dict = field(default_factory=dict)  # extra SchedulerCoreConfig fields
+    worker_wait: float = 300.0  # how long start() waits for the first worker before giving up
 
     def __post_init__(self) -> None:
         if not self.instance_id:
             self.instance_id = f"scheduler-{self.replica}-{uuid.uuid4().hex[:6]}"
-        for name in ("max_batch_size", "max_tokens_per_batch", "heartbeat_interval", "stats_interval",
-                     "result_timeout", "worker_timeout", "pipeline_depth"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.gpu_kv_blocks is not None and self.gpu_kv_blocks <= 0:
-            raise ValueError(f"gpu_kv_blocks must be > 0, got {self.gpu_kv_blocks}")
-        if self.host_kv_blocks < 0 or self.max_queued_jobs < 0:
-            raise ValueError("host_kv_blocks and max_queued_jobs must be >= 0")
+        S.validate(self)
+
+    @property
+    def uses_host_kv(self) -> bool:
+        return self.kv_policy in ("proactive", "reactive")
 
 
 def build_core(config: SchedulerServiceConfig, worker: WorkerInfo):
-    """The SchedulerCore for this replica, sized by what the worker has."""
-    from fastserve.scheduler.core.placement import make_kv_policy
+    """The SchedulerCore for this replica, sized by what the worker has (the
+    host pool counts 0 blocks until a KV store says how many it offers)."""
     from fastserve.scheduler.core.config import SchedulerCoreConfig
-    from fastserve.scheduler.core.scheduler import SchedulerCore
     from fastserve.scheduler.core.cost_model import CostModel
+    from fastserve.scheduler.core.placement import make_kv_policy
+    from fastserve.scheduler.core.scheduler import SchedulerCore
 
     num_gpu = min(config.gpu_kv_blocks or worker.num_gpu_blocks, worker.num_gpu_blocks)
     cost = CostModel.from_profile(config.profile) if config.profile else CostModel.default(worker.block_size)
     core_cfg = SchedulerCoreConfig(
         policy=config.policy, max_batch_size=config.max_batch_size,
         max_tokens_per_batch=config.max_tokens_per_batch, block_size=worker.block_size,
-        num_gpu_blocks=num_gpu, num_host_blocks=config.host_kv_blocks, max_model_len=worker.max_model_len,
-        **config.core_options)
-    kv_policy = make_kv_policy(config.kv_policy)
+        num_gpu_blocks=num_gpu, num_host_blocks=0, max_model_len=worker.max_model_len,
+        num_queues=config.num_queues, quantum_ratio=config.quantum_ratio, base_quantum=config.base_quantum,
+        starvation_threshold=config.starvation_threshold)
+    kv_policy = make_kv_policy(config.kv_policy, watermark=config.watermark, reserve=config.reserve)
     return SchedulerCore(core_cfg, cost, kv_policy), num_gpu
