@@ -53,9 +53,14 @@ class Metrics:
             "fastserve:cpu_cache_usage_perc", "Host KV-cache usage (1 = full).", s, registry=r)
         self.num_preemptions = Counter(
             "fastserve:num_preemptions", "Cumulative preemptions.", s, registry=r)
+        self.iterations = Counter(
+            "fastserve:iterations", "Iterations (batches) the scheduler's worker ran.", s, registry=r)
+        self.worker_step_seconds = Counter(
+            "fastserve:worker_step_seconds", "Seconds the worker spent in engine steps: over the wall time of a "
+            "busy period, the worker's busy fraction.", s, registry=r)
         self.mlfq_queue_jobs = Gauge(
             "fastserve:mlfq_queue_jobs", "Jobs in each MLFQ priority queue (0 = highest).", [*s, "queue"], registry=r)
-        self._last_preemptions: dict[str, int] = {}
+        self._last_totals: dict[tuple[str, str], float] = {}
         self._queues_seen: dict[str, int] = {}
 
     # ------------------------------------------------------------ requests (gateway side)
@@ -85,16 +90,22 @@ class Metrics:
         self.num_requests_swapped.labels(*labels).set(stats.num_swapped)
         self.kv_cache_usage.labels(*labels).set(stats.gpu_kv_usage)
         self.cpu_cache_usage.labels(*labels).set(stats.cpu_kv_usage)
-        last = self._last_preemptions.get(stats.instance_id, 0)
-        # A restarted scheduler counts from zero again: then the whole value is new.
-        delta = stats.num_preemptions - last if stats.num_preemptions >= last else stats.num_preemptions
-        self.num_preemptions.labels(*labels).inc(delta)
-        self._last_preemptions[stats.instance_id] = stats.num_preemptions
+        for counter, total in ((self.num_preemptions, stats.num_preemptions), (self.iterations, stats.iterations),
+                               (self.worker_step_seconds, stats.step_seconds)):
+            self._add_total(counter, labels, total)
         for q, n in enumerate(stats.queue_lengths):
             self.mlfq_queue_jobs.labels(*labels, str(q)).set(n)
         for q in range(len(stats.queue_lengths), self._queues_seen.get(stats.instance_id, 0)):
             self.mlfq_queue_jobs.remove(*labels, str(q))
         self._queues_seen[stats.instance_id] = len(stats.queue_lengths)
+
+    def _add_total(self, counter: Counter, labels: tuple[str, str], total: float) -> None:
+        """Schedulers report running totals; the counter gets what is new."""
+        key = (counter._name, labels[1])
+        last = self._last_totals.get(key, 0)
+        # A restarted scheduler counts from zero again: then the whole value is new.
+        counter.labels(*labels).inc(total - last if total >= last else total)
+        self._last_totals[key] = total
 
     def forget_scheduler(self, instance_id: str) -> None:
         """Drop the gauges of a scheduler that stopped sending stats."""

@@ -375,9 +375,10 @@ class Heartbeat(Message):
     queue: str = ""
     worker: WorkerInfo | None = None
     pool: PoolSpec | None = None
-    # A worker's progress in its scheduler's current epoch: the highest
-    # iteration received and finished, so the scheduler can tell a lost
-    # command or result from a long step.
+    # A worker's progress with its scheduler (`scheduler_id`) in its current
+    # epoch: the highest iteration received and finished, so the scheduler
+    # can tell a lost command or result from a long step.
+    scheduler_id: str = ""
     epoch: int = -1
     received: int = -1
     completed: int = -1
@@ -401,6 +402,8 @@ class SchedulerStats(Message):
     num_preemptions: int = 0  # cumulative since the scheduler started
     max_queued_jobs: int = 0  # admission limit (0: unlimited), so gateways can refuse early
     replica: str = ""
+    iterations: int = 0  # cumulative: batches the worker ran
+    step_seconds: float = 0.0  # cumulative: the worker's engine step time
 
 
 # ---------------------------------------------------------------- scheduler <-> worker
@@ -443,8 +446,8 @@ class BatchCommand(Message):
     Full data only for jobs the worker has not seen (`new`), deltas for the
     others, and the ids the worker must forget (`free`). `epoch` changes when
     the scheduler starts over with the worker (its GPU KV is considered lost):
-    a worker that sees a newer epoch forgets every job first, and drops
-    commands of older ones. A command with no `run` only frees."""
+    a worker that sees a newer epoch, or another scheduler, forgets every job
+    first, and drops commands of older epochs. A command with no `run` only frees."""
 
     replica: str
     epoch: int
@@ -453,6 +456,7 @@ class BatchCommand(Message):
     run: list[RunEntry] = field(default_factory=list)
     free: list[str] = field(default_factory=list)
     sent_at: float = 0.0
+    scheduler_id: str = ""
 
 
 @struct
@@ -522,6 +526,9 @@ class KVPlan(Message):
     worker_queue: str  # where the copies go
     moves: list[KVMoveOrder] = field(default_factory=list)
     free: list[str] = field(default_factory=list)
+    # A plan from another scheduler than the last one: the old one is gone,
+    # and the host copies it placed with it.
+    scheduler_id: str = ""
 
 
 @message

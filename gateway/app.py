@@ -121,12 +121,15 @@ async def tokenize(request: web.Request) -> web.Response:
     if not isinstance(add_special, bool):
         raise bad("'add_special_tokens' must be a boolean", "add_special_tokens")
     if "messages" in body:
-        text = render_chat(body, state.model)
+        text = await asyncio.to_thread(render_chat, body, state.model)
     elif isinstance(body.get("prompt"), str):
         text = body["prompt"]
     else:
         raise bad("send 'prompt' (a string) or 'messages'", "prompt")
-    ids = state.model.encode(text, add_special_tokens=add_special)
+    if state.model.too_long(text):
+        raise bad(f"the text is longer than any {state.model.max_model_len} tokens can hold", "prompt",
+                  "context_length_exceeded")
+    ids = await asyncio.to_thread(state.model.encode, text, add_special)
     return json_response({"tokens": ids, "count": len(ids), "max_model_len": state.model.max_model_len})
 
 

@@ -18,6 +18,7 @@ class ModelInfo:
     max_model_len: int
     vocab_size: int
     created: int
+    max_token_chars: int = 64  # the longest vocabulary entry: a text longer than this x max_model_len cannot fit
 
     @classmethod
     def load(cls, model_dir: str | Path, name: str) -> "ModelInfo":
@@ -36,7 +37,15 @@ class ModelInfo:
         if not isinstance(max_len, int) or max_len < 1:
             raise ValueError(f"{model_dir}: cannot tell the context length (no max_position_embeddings in config.json)")
         vocab = int(cfg.get("vocab_size") or tokenizer.get_vocab_size())
-        return cls(name, tokenizer, template, max_len, vocab, int(cfg_path.stat().st_mtime) if cfg_path.is_file() else 0)
+        longest = max((len(t) for t in tokenizer.get_vocab(with_added_tokens=True)), default=1)
+        return cls(name, tokenizer, template, max_len, vocab, int(cfg_path.stat().st_mtime) if cfg_path.is_file() else 0,
+                   max_token_chars=max(longest, 1))
+
+    def too_long(self, text: str) -> bool:
+        """True when `text` cannot fit the context whatever its tokens: every
+        token covers at most `max_token_chars` characters. Checked before
+        tokenizing, so a huge prompt costs nothing."""
+        return len(text) > self.max_model_len * self.max_token_chars
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids

@@ -138,6 +138,8 @@ def _common(body: dict, cfg: GatewayConfig, model: ModelInfo, kind: str, prompts
         top_k = -1  # vLLM: 0 also means off
     if top_k < -1:
         raise bad(f"'top_k' must be -1 (off) or >= 1, got {top_k}", "top_k")
+    if top_k > model.vocab_size:
+        raise bad(f"'top_k' must be at most the vocabulary size ({model.vocab_size}), got {top_k}", "top_k")
     seed = _get(body, "seed", (int,), None)
     stop = body.get("stop")
     stop_list = [stop] if isinstance(stop, str) else stop if stop is not None else []
@@ -182,6 +184,7 @@ def parse_completion(body: dict, cfg: GatewayConfig, model: ModelInfo) -> Genera
     prompts = []
     for p in raw:
         if isinstance(p, str):
+            _check_size(p, model, "prompt")
             ids = model.encode(p)
         elif isinstance(p, list):
             ids = _int_list(p, "prompt", model.vocab_size)
@@ -226,10 +229,19 @@ def render_chat(body: dict, model: ModelInfo) -> str:
         raise bad(f"the chat template refused these messages: {exc}", "messages") from None
 
 
+def _check_size(text: str, model: ModelInfo, param: str) -> None:
+    if model.too_long(text):
+        raise bad(f"This model's maximum context length is {model.max_model_len} tokens; the {param} has "
+                  f"{len(text)} characters, more than any {model.max_model_len} tokens can hold.", param,
+                  "context_length_exceeded")
+
+
 def parse_chat(body: dict, cfg: GatewayConfig, model: ModelInfo) -> GenerateRequest:
     check_model(body, model)
+    text = render_chat(body, model)
+    _check_size(text, model, "messages")
     # The template writes the special tokens itself, so none are added here (as transformers does).
-    ids = model.encode(render_chat(body, model), add_special_tokens=False)
+    ids = model.encode(text, add_special_tokens=False)
     if not ids:
         raise bad("the rendered chat prompt is empty", "messages")
     logprobs = _get(body, "logprobs", (bool,), False)

@@ -77,7 +77,8 @@ class WorkerService:
         self.pool = None  # the host pool mapped now (common.host_pool.HostKVPool)
         self.queue = names.worker_queue(config.replica, config.instance_id)
         self.seqs: dict[str, _Seq] = {}
-        self.epoch = -1  # the newest scheduler epoch seen
+        self.scheduler_id = ""  # the scheduler whose commands it runs
+        self.epoch = -1  # that scheduler's newest epoch seen
         self.received = -1  # highest iteration received in that epoch
         self.completed = -1  # highest iteration finished in that epoch
         self._steps: asyncio.Queue[BatchCommand] = asyncio.Queue()
@@ -138,7 +139,7 @@ class WorkerService:
 
     def _heartbeat(self) -> dict:
         return {"replica": self.config.replica, "queue": self.queue, "worker": self.worker_info(),
-                "epoch": self.epoch, "received": self.received, "completed": self.completed,
+                "scheduler_id": self.scheduler_id, "epoch": self.epoch, "received": self.received, "completed": self.completed,
                 "info": {"jobs": len(self.seqs), **self.stats}}
 
     def _unroutable(self, key: str, msg, exc: Exception) -> None:
@@ -150,9 +151,13 @@ class WorkerService:
     async def _on_message(self, body: bytes, headers: dict) -> None:
         msg = decode(body, (BatchCommand, KVCopy))
         if isinstance(msg, BatchCommand):
-            if msg.epoch < self.epoch:
+            if msg.scheduler_id != self.scheduler_id:
+                # A new scheduler (the old one died): its epochs count afresh.
+                # Commands of the old one still queued ahead of it are stale.
+                self.scheduler_id, self.epoch, self.received, self.completed = msg.scheduler_id, msg.epoch, -1, -1
+            elif msg.epoch < self.epoch:
                 return  # from before the scheduler started over: stale
-            if msg.epoch > self.epoch:
+            elif msg.epoch > self.epoch:
                 self.epoch, self.received, self.completed = msg.epoch, -1, -1
             self.received = max(self.received, msg.iteration)
             self._steps.put_nowait(msg)
@@ -167,16 +172,16 @@ class WorkerService:
 
     # ------------------------------------------------------------------ steps
     async def _step_loop(self) -> None:
-        epoch = -1
+        epoch = (None, -1)
         while not self._stopping:
             cmd = await self._steps.get()
-            if cmd.epoch < self.epoch:
-                continue  # queued before a newer epoch arrived
-            if cmd.epoch != epoch:
+            if cmd.scheduler_id != self.scheduler_id or cmd.epoch < self.epoch:
+                continue  # queued before a newer epoch (or scheduler) arrived
+            if (cmd.scheduler_id, cmd.epoch) != epoch:
                 if self.seqs:
                     log.warning("scheduler started over: forgetting every job", epoch=cmd.epoch, jobs=len(self.seqs))
                 self.seqs.clear()
-                epoch = cmd.epoch
+                epoch = (cmd.scheduler_id, cmd.epoch)
                 # Copies of the old epoch may still write GPU blocks the
                 # scheduler now hands out again: let them finish first.
                 await asyncio.get_running_loop().run_in_executor(self._copier, lambda: None)
@@ -189,7 +194,7 @@ class WorkerService:
                 log.exception("step failed", iteration=cmd.iteration)
                 result = BatchResult(replica=cmd.replica, epoch=cmd.epoch, iteration=cmd.iteration,
                                      worker_id=self.config.instance_id, error=f"{type(exc).__name__}: {exc}")
-            if cmd.epoch == self.epoch:
+            if cmd.epoch == self.epoch and cmd.scheduler_id == self.scheduler_id:
                 self.completed = max(self.completed, cmd.iteration)
             self._results.send(names.scheduler_queue(cmd.replica), result)
 

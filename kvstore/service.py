@@ -63,6 +63,7 @@ class KVStoreService:
         self.table = HostTable(config.host_kv_blocks, config.max_copies_in_flight)
         self.queue = names.kvstore_queue(config.replica, config.instance_id)
         self._worker_queue: str | None = None
+        self._scheduler_id: str | None = None
         self._tasks = ServiceTasks(log)
         self._copies = Outbox(bus, self._unroutable)
         self._reports = Outbox(bus, self._unroutable, exchange=names.KV_EXCHANGE)
@@ -119,6 +120,14 @@ class KVStoreService:
             self._done(msg)
 
     def _plan(self, plan: KVPlan) -> None:
+        if plan.scheduler_id != self._scheduler_id:
+            if self._scheduler_id is not None:
+                # The scheduler that placed these copies is gone (the new one
+                # recomputes its jobs): the whole pool is free again.
+                log.warning("new scheduler: host copies of the old one dropped", old=self._scheduler_id,
+                            new=plan.scheduler_id, jobs=self.table.jobs_on_host())
+                self.table = HostTable(self.config.host_kv_blocks, self.config.max_copies_in_flight)
+            self._scheduler_id = plan.scheduler_id
         self._worker_queue = plan.worker_queue
         for job_id in plan.free:
             self.table.free(job_id)

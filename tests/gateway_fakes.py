@@ -18,9 +18,18 @@ from fastserve.gateway.config import GatewayConfig
 
 
 class EchoScheduler:
+    """Output token k of a job is its original prompt's token k (cycled), also
+    for a continuation (which starts at k = num_generated). `die_after`: stop
+    (no more tokens, no more heartbeats) after sending that many tokens."""
+
     def __init__(self, bus, *, token_delay: float = 0.0, tokens_per_event: int = 1, heartbeats: bool = True,
-                 error: str | None = None, max_queued_jobs: int = 0, num_waiting: int = 0) -> None:
+                 error: str | None = None, max_queued_jobs: int = 0, num_waiting: int = 0,
+                 name: str = "echo", die_after: int | None = None) -> None:
         self.bus = bus
+        self.name = name
+        self.die_after = die_after
+        self.sent_tokens = 0
+        self.dead = asyncio.Event()
         self.token_delay = token_delay
         self.tokens_per_event = tokens_per_event
         self.heartbeats = heartbeats
@@ -35,11 +44,11 @@ class EchoScheduler:
 
     async def start(self) -> None:
         await self.bus.declare_queue(names.JOB_QUEUE, durable=True)
-        await self.bus.declare_queue(names.control_queue("echo"), durable=False, exclusive=True, auto_delete=True,
+        await self.bus.declare_queue(names.control_queue(self.name), durable=False, exclusive=True, auto_delete=True,
                                      bindings=[(names.CONTROL_EXCHANGE, names.CANCEL_KEY)])
         await self.bus.declare_exchange(names.EVENTS_EXCHANGE)
         self._subs.append(await self.bus.consume(names.JOB_QUEUE, self._on_job))
-        self._subs.append(await self.bus.consume(names.control_queue("echo"), self._on_cancel))
+        self._subs.append(await self.bus.consume(names.control_queue(self.name), self._on_cancel))
         if self.heartbeats:
             await self.beat()
             self._hb = asyncio.create_task(self._beat_forever())
@@ -58,11 +67,11 @@ class EchoScheduler:
     async def beat(self) -> None:
         now = time.time()
         for service in ("scheduler", "worker"):
-            await self.bus.publish(names.heartbeat_key(service, "echo"),
-                                   encode(Heartbeat(service, "echo", now)), exchange=names.EVENTS_EXCHANGE)
-        stats = SchedulerStats("echo", now, model="m", queue_lengths=[len(self._jobs)], num_running=len(self._jobs),
+            await self.bus.publish(names.heartbeat_key(service, self.name),
+                                   encode(Heartbeat(service, self.name, now)), exchange=names.EVENTS_EXCHANGE)
+        stats = SchedulerStats(self.name, now, model="m", queue_lengths=[len(self._jobs)], num_running=len(self._jobs),
                                num_waiting=self.num_waiting, max_queued_jobs=self.max_queued_jobs)
-        await self.bus.publish(names.stats_key("echo"), encode(stats), exchange=names.EVENTS_EXCHANGE)
+        await self.bus.publish(names.stats_key(self.name), encode(stats), exchange=names.EVENTS_EXCHANGE)
 
     async def _beat_forever(self) -> None:
         while True:
@@ -84,14 +93,18 @@ class EchoScheduler:
 
     async def _run(self, job: JobSubmit) -> None:
         s = job.sampling
-        prompt = job.prompt_token_ids
+        prompt = job.prompt_token_ids[:job.prompt_len]
         if self.error:
             await self._send(job, TokenEvent(job.job_id, [], error=self.error))
             return
-        out: list[int] = []
+        out: list[int] = list(job.prompt_token_ids[job.prompt_len:])  # a continuation's tokens so far
         pending: list[int] = []
         first = True
+        await self._send(job, TokenEvent(job.job_id, [], num_prompt_tokens=len(prompt)))  # "I hold it"
         while True:
+            if self.die_after is not None and self.sent_tokens >= self.die_after:
+                await self._die()
+                return
             tok = prompt[len(out) % len(prompt)]
             out.append(tok)
             pending.append(tok)
@@ -111,6 +124,7 @@ class EchoScheduler:
                     queue_time=0.001 if first else None)
                 first = False
                 pending = []
+                self.sent_tokens += len(ev.token_ids)
                 await self._send(job, ev)
             if finish:
                 self._jobs.pop(job.job_id, None)
@@ -119,7 +133,15 @@ class EchoScheduler:
                 await asyncio.sleep(self.token_delay)
 
     async def _send(self, job: JobSubmit, ev: TokenEvent) -> None:
-        await self.bus.publish(job.reply_to, encode(TokenBatch("echo", [ev])))
+        await self.bus.publish(job.reply_to, encode(TokenBatch(self.name, [ev])))
+
+    async def _die(self) -> None:
+        """Like a SIGKILL: silence, and the jobs it holds are lost with it."""
+        self.dead.set()
+        if self._hb:
+            self._hb.cancel()
+        for sub in self._subs:
+            await sub.cancel()
 
 
 @contextlib.asynccontextmanager

@@ -168,3 +168,27 @@ async def test_unexpected_failure_is_an_openai_shaped_500(memory_bus, tiny_model
     assert resp.status == 500
     assert_openai_error(body)
     assert "broker exploded" in body["error"]["message"] and body["error"]["type"] == "server_error"
+
+
+async def test_one_bad_request_never_touches_another(memory_bus, tiny_model_dir):
+    """top_k beyond the vocabulary is refused with a 400 naming it; a prompt
+    far beyond the context is refused before it is tokenized; meanwhile a
+    stream and /health go on undisturbed."""
+    echo = EchoScheduler(memory_bus, token_delay=0.02)
+    async with gateway(memory_bus, tiny_model_dir, echo=echo) as (client, _):
+        stream = asyncio.ensure_future(client.post("/v1/completions", json={
+            "model": "tiny", "prompt": "steady", "max_tokens": 40, "stream": True}))
+        resp = await client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "top_k": 2**63})
+        body = await resp.json()
+        assert resp.status == 400 and body["error"]["param"] == "top_k"
+        huge = "lorem ipsum " * 500_000  # 6 MB of text
+        t0 = asyncio.get_running_loop().time()
+        health = asyncio.ensure_future(client.get("/health"))
+        resp = await client.post("/v1/completions", json={"model": "tiny", "prompt": huge, "max_tokens": 4})
+        body = await resp.json()
+        assert resp.status == 400 and body["error"]["code"] == "context_length_exceeded"
+        assert (await health).status == 200
+        assert asyncio.get_running_loop().time() - t0 < 5
+        r = await stream
+        text = (await r.read()).decode()
+        assert r.status == 200 and text.rstrip().endswith("data: [DONE]") and "error" not in text

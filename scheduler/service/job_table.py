@@ -178,4 +178,4 @@ class JobTable:
             job.sent_table = list(table)
             run.append(entry)
         return BatchCommand(replica=replica, epoch=epoch, iteration=decision.iteration, new=new, run=run,
-                            free=self.take_worker_free(), sent_at=time.time())
+                            free=self.take_worker_free(), sent_at=time.time(), scheduler_id=self.scheduler_id)

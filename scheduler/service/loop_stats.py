@@ -48,7 +48,7 @@ class LoopTimes:
         }
 
 
-def stats_message(config, core, jobs) -> SchedulerStats:
+def stats_message(config, core, jobs, times: LoopTimes) -> SchedulerStats:
     """`config` is the SchedulerServiceConfig, `core` the SchedulerCore, `jobs` the JobTable."""
     gpu_total = max(jobs.num_gpu_blocks, 1)
     host_total = core.kv.host_capacity
@@ -58,4 +58,5 @@ def stats_message(config, core, jobs) -> SchedulerStats:
         num_waiting=core.num_waiting, num_swapped=core.num_swapped,
         gpu_kv_usage=core.gpu_blocks_used() / gpu_total,
         cpu_kv_usage=core.host_blocks_used() / host_total if host_total else 0.0,
-        num_preemptions=core.stats.preemptions, max_queued_jobs=config.max_queued_jobs)
+        num_preemptions=core.stats.preemptions, max_queued_jobs=config.max_queued_jobs,
+        iterations=times.iterations, step_seconds=times.step_seconds)

@@ -19,7 +19,8 @@ class Peer:
     last_seen: float  # time.monotonic()
     worker: WorkerInfo | None = None
     pool: PoolSpec | None = None
-    epoch: int = -1  # the scheduler epoch the worker last saw
+    scheduler_id: str = ""  # whose commands the worker runs
+    epoch: int = -1  # that scheduler's epoch the worker last saw
     received: int = -1  # highest iteration of that epoch the worker received
     completed: int = -1  # highest iteration of that epoch the worker finished
 
@@ -55,10 +56,11 @@ class Peers:
         if current is not None and current.instance_id == hb.instance_id:
             current.last_seen = now
             if kind == "worker":
-                current.epoch, current.received, current.completed = hb.epoch, hb.received, hb.completed
+                current.scheduler_id, current.epoch = hb.scheduler_id, hb.epoch
+                current.received, current.completed = hb.received, hb.completed
             return []
-        peer = Peer(hb.instance_id, hb.queue, now, epoch=hb.epoch, received=hb.received, completed=hb.completed,
-                    **info)
+        peer = Peer(hb.instance_id, hb.queue, now, scheduler_id=hb.scheduler_id, epoch=hb.epoch,
+                    received=hb.received, completed=hb.completed, **info)
         setattr(self, kind, peer)
         return [f"{kind}_replaced" if current is not None else f"{kind}_new"]
 

@@ -195,7 +195,7 @@ class SchedulerService:
             self._send_events()
             if not self._inflight and self.jobs.has_worker_free() and self.peers.worker is not None:
                 self._send_to_worker(BatchCommand(replica=c.replica, epoch=self.epoch, iteration=-1,
-                                                  free=self.jobs.take_worker_free()))
+                                                  free=self.jobs.take_worker_free(), scheduler_id=c.instance_id))
             if now - last_stats >= c.stats_interval:
                 last_stats = now
                 self._broadcast.send(names.stats_key(c.instance_id), self.stats_message())
@@ -242,7 +242,7 @@ class SchedulerService:
         for m in moves:
             self.jobs.mark_moved(m.job_id)
         self._outbox.send(kv.queue, KVPlan(replica=self.config.replica, worker_queue=self.peers.worker.queue,
-                                           moves=moves, free=free))
+                                           moves=moves, free=free, scheduler_id=self.config.instance_id))
 
     def _send_events(self) -> None:
         for reply_to, events in self.state.take_events().items():
@@ -336,7 +336,8 @@ class SchedulerService:
             # what it held): its heartbeat says it finished or never got what we still wait for.
             oldest, (_, sent) = next(iter(self._inflight.items()))
             waited = time.perf_counter() - sent
-            if w.epoch == self.epoch and waited > self.config.worker_timeout and (
+            c_timeout = self.config.worker_timeout
+            if w.scheduler_id == self.config.instance_id and w.epoch == self.epoch and waited > c_timeout and (
                     w.completed >= oldest or w.received < oldest):
                 self._end_epoch(f"iteration {oldest} was lost on the bus")
         if self.peers.worker is None and self.jobs.num_unfinished():
@@ -371,7 +372,7 @@ class SchedulerService:
 
     # ------------------------------------------------------------------ stats and liveness
     def stats_message(self) -> SchedulerStats:
-        return stats_message(self.config, self.core, self.jobs)
+        return stats_message(self.config, self.core, self.jobs, self.times)
 
     def _heartbeat(self) -> dict:
         c = self.config
