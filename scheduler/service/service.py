@@ -60,6 +60,7 @@ class SchedulerService:
         self.times = LoopTimes()
         self.epoch = 0
         self._inbox: list[tuple[str, object]] = []
+        self._deferred: list[tuple[str, object]] = []  # arrived before the core existed
         self._wake = asyncio.Event()
         self._core_ready = asyncio.Event()
         self._room = asyncio.Condition()  # admission: notified when jobs leave
@@ -255,7 +256,7 @@ class SchedulerService:
             if kind == "heartbeat":
                 self._heartbeat_seen(msg, now)
             elif self.core is None:
-                self._inbox.append((kind, msg))  # kept until there is a worker to size the core
+                self._deferred.append((kind, msg))  # kept until there is a worker to size the core
             elif kind == "submit":
                 self.state.submit(msg, now)
             elif kind == "cancel":
@@ -322,6 +323,7 @@ class SchedulerService:
         self.state = ServiceState(self.core, self.jobs, self.config.instance_id)
         if self.peers.kvstore is not None and self.config.uses_host_kv:
             self.core.set_host_capacity(self.peers.kvstore.pool.num_blocks)
+        self._inbox[:0], self._deferred = self._deferred, []
         self._core_ready.set()
 
     def _check_peers(self, now: float) -> None:
