@@ -198,6 +198,8 @@ class TokenEvent(Message):
     error: str | None = None
     num_prompt_tokens: int = 0
     num_generated: int = 0  # total generated so far, this event included
+    # with the first token, if asked for: per prompt position from 1, [logprob, rank, [[token_id, logprob], ...]]
+    prompt_logprobs: list[list[Any]] | None = None
     queue_time: float | None = None  # seconds from arrival to first scheduled (first event only)
     scheduler_id: str = ""
 
@@ -268,7 +270,9 @@ class BatchCommand(Message):
 @dataclass(slots=True)
 class BatchResult(Message):
     """What one iteration produced (last worker stage -> names.scheduler_queue).
-    results: [job_id, token_id, logprob, top_logprobs | None] for entries with sample=True."""
+    results: [job_id, token_id, logprob, top_logprobs | None, prompt_logprobs | None] for entries
+    with sample=True; prompt_logprobs (with a job's first token, if asked for): per prompt
+    position from 1, [logprob, rank, [[token_id, logprob], ...]]."""
 
     replica: str
     iteration: int

@@ -34,6 +34,8 @@ class GenerationOutput:
     text: str = ""
     finish_reason: str | None = None
     logprobs: list[float] = field(default_factory=list)
+    # (logprob, rank, top) of prompt tokens 1.. when SamplingParams.prompt_logprobs is set
+    prompt_logprobs: list | None = None
 
 
 @dataclass
@@ -99,10 +101,13 @@ class LLM:
                 j.num_computed += len(w.token_ids)
                 j.out.token_ids.append(r.token_id)
                 j.out.logprobs.append(r.logprob)
+                if r.prompt_logprobs is not None:
+                    j.out.prompt_logprobs = r.prompt_logprobs
                 reason = j.params.finish_reason(r.token_id, len(j.out.token_ids), eos)
                 if reason:
                     j.out.finish_reason = reason
                     alloc.deallocate(j.blocks)
+                    eng.release([w.job_id])
                 else:
                     still.append(j)
             running = still

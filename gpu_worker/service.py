@@ -163,6 +163,7 @@ class WorkerService:
             self._tasks.spawn(self._copy(msg), f"copy-{msg.copy_id}")
 
     def _forget(self, job_ids: list[str]) -> None:
+        self.engine.release(job_ids)
         for job_id in job_ids:
             seq = self.seqs.pop(job_id, None)
             if seq is not None:
@@ -219,7 +220,7 @@ class WorkerService:
             seq.tokens.append(r.token_id)
             seq.num_generated += 1
             top = [[int(t), float(v)] for t, v in r.top_logprobs] if r.top_logprobs else None
-            out.append([r.job_id, int(r.token_id), float(r.logprob), top])
+            out.append([r.job_id, int(r.token_id), float(r.logprob), top, r.prompt_logprobs])
         self.stats["steps"] += 1
         self.stats["step_seconds"] += seconds
         decodes = [w.num_computed + 1 for w in work if len(w.token_ids) == 1]

@@ -62,7 +62,7 @@ class Job:
         return reason
 
     def event(self, token_ids: list[int], *, logprob: float | None = None, top=None,
-              finish_reason: str | None = None, error: str | None = None) -> TokenEvent:
+              finish_reason: str | None = None, error: str | None = None, prompt_logprobs=None) -> TokenEvent:
         want = self.sampling.logprobs
         first = token_ids and len(self.generated) == len(token_ids)
         queue_time = None
@@ -73,7 +73,8 @@ class Job:
             logprobs=[logprob] * len(token_ids) if want is not None and logprob is not None else None,
             top_logprobs=[[[int(t), float(v)] for t, v in top]] if want and top else None,
             finish_reason=finish_reason, error=error, num_prompt_tokens=len(self.prompt),
-            num_generated=len(self.generated), queue_time=queue_time, scheduler_id=self.scheduler_id)
+            num_generated=len(self.generated), queue_time=queue_time, scheduler_id=self.scheduler_id,
+            prompt_logprobs=prompt_logprobs)
 
 
 class JobTable:

@@ -108,7 +108,7 @@ class ServiceState:
                 continue  # a non-final prefill chunk samples nothing
             reason = job.append(int(r[1]))
             events.append((job.reply_to, job.event([int(r[1])], logprob=float(r[2]), top=r[3],
-                                                   finish_reason=reason)))
+                                                   finish_reason=reason, prompt_logprobs=r[4] if len(r) > 4 else None)))
             if reason is not None:
                 finished.append(job.job_id)
                 log.info("job finished", job_id=job.job_id, trace_id=job.trace_id, reason=reason,
