@@ -25,9 +25,13 @@ from fastserve.common.metrics import Metrics
 from fastserve.gateway.config import GatewayConfig
 from fastserve.gateway.jobs import JobTracker
 from fastserve.gateway.model_info import ModelInfo
-from fastserve.gateway.protocol import APIError, bad, render_chat
+from fastserve.gateway.chat import render_chat
+from fastserve.gateway.errors import APIError, bad
 
 log = structlog.get_logger("fastserve.gateway")
+# What the access-log line of a request says beyond method, path and status
+# (handlers add the request id, token counts, finish reason).
+ACCESS = web.RequestKey("access", dict)
 
 
 @dataclass
@@ -67,6 +71,24 @@ async def read_json(request: web.Request) -> dict:
 
 
 @web.middleware
+async def access_log(request: web.Request, handler):
+    """One INFO line per request, when it ends (the details are DEBUG lines)."""
+    t0 = time.monotonic()
+    request[ACCESS] = {}
+    status = 500
+    try:
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    finally:
+        fields = request[ACCESS]
+        if fields.pop("client_gone", False):
+            status = 499
+        log.info("request", method=request.method, path=request.path, status=status,
+                 seconds=round(time.monotonic() - t0, 4), **fields)
+
+
+@web.middleware
 async def errors_and_auth(request: web.Request, handler):
     state = request.app[STATE]
     try:
@@ -94,11 +116,41 @@ async def errors_and_auth(request: web.Request, handler):
 
 # ------------------------------------------------------------------ simple endpoints
 
+def _model_card(state: GatewayState) -> dict:
+    m = state.model
+    # max_model_len: what a job can really use, the GPU KV pool included.
+    return {"id": m.name, "object": "model", "created": m.created, "owned_by": "fastserve",
+            "root": m.name, "parent": None, "max_model_len": state.tracker.max_model_len(m.max_model_len)}
+
+
 async def models(request: web.Request) -> web.Response:
-    m = request.app[STATE].model
-    return json_response({"object": "list", "data": [{
-        "id": m.name, "object": "model", "created": m.created, "owned_by": "fastserve",
-        "root": m.name, "parent": None, "max_model_len": m.max_model_len}]})
+    return json_response({"object": "list", "data": [_model_card(request.app[STATE])]})
+
+
+async def model_card(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    name = request.match_info["model_id"]
+    if name != state.model.name:
+        raise APIError(404, f"The model '{name}' does not exist; this server serves '{state.model.name}'.",
+                       "invalid_request_error", "model", "model_not_found")
+    return json_response(_model_card(state))
+
+
+async def version(request: web.Request) -> web.Response:
+    from importlib.metadata import version as dist_version
+
+    return json_response({"version": dist_version("fastserve")})
+
+
+async def ping(request: web.Request) -> web.Response:
+    """vLLM's /ping (SageMaker): /health's answer."""
+    return await health(request)
+
+
+async def openapi(request: web.Request) -> web.Response:
+    from fastserve.gateway.openapi import openapi_document
+
+    return json_response(openapi_document(request.app[STATE].model.name))
 
 
 async def health(request: web.Request) -> web.Response:
@@ -150,18 +202,23 @@ def create_app(config: GatewayConfig, bus: Bus, *, model: ModelInfo | None = Non
     model = model or ModelInfo.load(config.model, config.served_model_name)
     metrics = metrics or Metrics(model.name)
     state = GatewayState(config, bus, model, metrics, JobTracker(config, bus, metrics))
-    app = web.Application(middlewares=[errors_and_auth], client_max_size=32 * 1024 * 1024)
+    app = web.Application(middlewares=[access_log, errors_and_auth], client_max_size=32 * 1024 * 1024)
     app[STATE] = state
+    # Every route here is described in gateway/openapi.py (a test checks both lists agree).
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model_id}", model_card)
     app.router.add_get("/health", health)
+    app.router.add_get("/ping", ping)
+    app.router.add_post("/ping", ping)
+    app.router.add_get("/version", version)
     app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/openapi.json", openapi)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
     app.cleanup_ctx.append(_bus_lifecycle)
     return app
-
 
 
 async def _bus_lifecycle(app: web.Application) -> AsyncIterator[None]:

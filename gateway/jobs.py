@@ -42,6 +42,7 @@ class JobTracker:
         self._routes: dict[str, tuple[Submission, int]] = {}
         self._pending_requests = 0
         self._heartbeats: dict[tuple[str, str], float] = {}  # (service, instance) -> last seen (monotonic)
+        self._worker_limits: dict[str, int] = {}  # worker instance -> longest job its GPU KV pool holds
         self._stats: dict[str, tuple[float, SchedulerStats]] = {}
         self._cancels: asyncio.Queue[JobCancel] = asyncio.Queue()
         self._subs: list[Subscription] = []
@@ -91,7 +92,7 @@ class JobTracker:
             msg = await self._cancels.get()
             try:
                 await self.bus.publish(names.CANCEL_KEY, encode(msg), exchange=names.CONTROL_EXCHANGE)
-                log.info("job.cancel_sent", job_id=msg.job_id, trace_id=msg.trace_id, reason=msg.reason)
+                log.debug("job.cancel_sent", job_id=msg.job_id, trace_id=msg.trace_id, reason=msg.reason)
             except Exception:  # noqa: BLE001 - keep sending the others
                 log.exception("job.cancel_failed", job_id=msg.job_id, trace_id=msg.trace_id)
 
@@ -168,6 +169,10 @@ class JobTracker:
         now = time.monotonic()
         if isinstance(msg, Heartbeat):
             self._heartbeats[(msg.service, msg.instance_id)] = now
+            if msg.service == "worker" and "num_gpu_blocks" in msg.info:
+                info = msg.info
+                self._worker_limits[msg.instance_id] = min(int(info["max_model_len"]),
+                                                           int(info["num_gpu_blocks"]) * int(info["block_size"]))
         else:
             self._stats[msg.instance_id] = (now, msg)
             self._heartbeats[("scheduler", msg.instance_id)] = now
@@ -176,6 +181,12 @@ class JobTracker:
             if now - seen > self.config.health_timeout:
                 del self._stats[instance]
                 self.metrics.forget_scheduler(instance)
+
+    def max_model_len(self, model_len: int) -> int:
+        """The longest job (prompt + output) that every live worker's GPU KV
+        pool can hold, and at most the model's context length."""
+        live = self.alive("worker")
+        return min([model_len, *(self._worker_limits[w] for w in live if w in self._worker_limits)])
 
     # ------------------------------------------------------------ health
     def alive(self, service: str) -> list[str]:

@@ -3,11 +3,12 @@ context length. Read from the model directory, no weights, no torch."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastserve.common.tokenizer import ChatTemplate, load_tokenizer
+from fastserve.gateway.tools import tool_parser_for
 
 
 @dataclass
@@ -15,9 +16,13 @@ class ModelInfo:
     name: str
     tokenizer: Any  # tokenizers.Tokenizer
     chat_template: ChatTemplate | None
-    max_model_len: int
+    max_model_len: int  # from config.json; the KV pool may allow less (JobTracker.max_model_len)
     vocab_size: int
     created: int
+    bos_token: str | None = None
+    eos_token: str | None = None
+    tool_parser: str | None = None  # gateway/tools.py: "hermes" | "llama3_json" | None
+    _byte_tokenizer: Any = field(default=None, repr=False)
 
     @classmethod
     def load(cls, model_dir: str | Path, name: str) -> "ModelInfo":
@@ -36,7 +41,10 @@ class ModelInfo:
         if not isinstance(max_len, int) or max_len < 1:
             raise ValueError(f"{model_dir}: cannot tell the context length (no max_position_embeddings in config.json)")
         vocab = int(cfg.get("vocab_size") or tokenizer.get_vocab_size())
-        return cls(name, tokenizer, template, max_len, vocab, int(cfg_path.stat().st_mtime) if cfg_path.is_file() else 0)
+        tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.is_file() else {}
+        return cls(name, tokenizer, template, max_len, vocab, int(cfg_path.stat().st_mtime) if cfg_path.is_file() else 0,
+                   bos_token=_token_text(tok_cfg.get("bos_token")), eos_token=_token_text(tok_cfg.get("eos_token")),
+                   tool_parser=tool_parser_for(template.source if template else None))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
@@ -47,3 +55,18 @@ class ModelInfo:
     def token_text(self, token_id: int) -> str:
         """One token as text (logprobs): may be a partial UTF-8 character."""
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token (a byte-fallback or partial-character
+        token's own bytes, not U+FFFD's), as llguidance's tokenizer view has them."""
+        if self._byte_tokenizer is None:
+            import llguidance
+
+            self._byte_tokenizer = llguidance.LLTokenizer(self.tokenizer.to_str())
+        return self._byte_tokenizer.decode_bytes([token_id])
+
+
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):  # AddedToken serialised as a dict
+        return value.get("content")
+    return value
