@@ -27,6 +27,7 @@ from fastserve.gateway.jobs import JobTracker
 from fastserve.gateway.model_info import ModelInfo
 from fastserve.gateway.chat import render_chat
 from fastserve.gateway.errors import APIError, bad
+from fastserve.gateway.protocol import as_int, check_model
 
 log = structlog.get_logger("fastserve.gateway")
 # What the access-log line of a request says beyond method, path and status
@@ -150,7 +151,8 @@ async def ping(request: web.Request) -> web.Response:
 async def openapi(request: web.Request) -> web.Response:
     from fastserve.gateway.openapi import openapi_document
 
-    return json_response(openapi_document(request.app[STATE].model.name))
+    model = request.app[STATE].model
+    return json_response(openapi_document(model.name, model.vocab_size))
 
 
 async def health(request: web.Request) -> web.Response:
@@ -166,9 +168,11 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 async def tokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await read_json(request)
-    if body.get("model") is not None and body["model"] != state.model.name:
-        raise APIError(404, f"The model '{body['model']}' does not exist.", "invalid_request_error", "model",
-                       "model_not_found")
+    if body.get("model") is not None:
+        check_model(body, state.model)
+    unknown = set(body) - {"model", "prompt", "messages", "add_special_tokens"}
+    if unknown:
+        raise bad(f"Unrecognized request argument supplied: {sorted(unknown)[0]}", sorted(unknown)[0])
     add_special = body.get("add_special_tokens", "messages" not in body)
     if not isinstance(add_special, bool):
         raise bad("'add_special_tokens' must be a boolean", "add_special_tokens")
@@ -185,9 +189,15 @@ async def tokenize(request: web.Request) -> web.Response:
 async def detokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await read_json(request)
+    unknown = set(body) - {"model", "tokens"}
+    if unknown:
+        raise bad(f"Unrecognized request argument supplied: {sorted(unknown)[0]}", sorted(unknown)[0])
+    if body.get("model") is not None:
+        check_model(body, state.model)
     tokens = body.get("tokens")
-    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+    if not isinstance(tokens, list) or any(as_int(t) is None for t in tokens):
         raise bad("'tokens' must be a list of token ids", "tokens")
+    tokens = [as_int(t) for t in tokens]
     if any(not 0 <= t < state.model.vocab_size for t in tokens):
         raise bad(f"'tokens' holds ids outside the vocabulary [0, {state.model.vocab_size})", "tokens")
     return json_response({"prompt": state.model.decode(tokens)})

@@ -12,6 +12,7 @@ from fastserve.gateway.errors import bad
 from fastserve.gateway.model_info import ModelInfo
 
 _CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+_MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id"}
 # Template variables a request's chat_template_kwargs may not replace.
 _RESERVED = {"messages", "add_generation_prompt", "tools", "documents", "bos_token", "eos_token"}
 
@@ -24,6 +25,8 @@ def _messages(body: dict) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in _CHAT_ROLES:
             raise bad(f"messages[{i}] must be an object with 'role' one of {', '.join(_CHAT_ROLES)}", "messages")
+        if set(m) - _MESSAGE_KEYS:
+            raise bad(f"messages[{i}] has unsupported fields {sorted(set(m) - _MESSAGE_KEYS)}", "messages")
         content = m.get("content")
         if isinstance(content, list):  # content parts: text only
             texts = []

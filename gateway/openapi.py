@@ -71,11 +71,16 @@ _SAMPLING: dict[str, tuple[dict, str]] = {
     "priority": ({"const": 0}, "priority scheduling is not supported"),
 }
 
-_MESSAGE = {"type": "object", "required": ["role"], "properties": {
+_MESSAGE = {"type": "object", "required": ["role"], "additionalProperties": False, "properties": {
     "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
     "content": {"anyOf": [_STR, {"type": "null"}, {"type": "array", "items": {
         "type": "object", "required": ["type", "text"], "properties": {"type": {"const": "text"}, "text": _STR}}}]},
-    "name": _STR, "tool_call_id": _STR, "tool_calls": {"type": "array", "items": {"type": "object"}}}}
+    "name": _STR, "tool_call_id": _STR, "tool_calls": {"type": "array", "items": {
+        "type": "object", "required": ["function"], "properties": {
+            "id": _STR, "type": {"const": "function"}, "function": {
+                "type": "object", "required": ["name"], "properties": {
+                    "name": _STR, "arguments": {"anyOf": [{"type": "object"}, {**_STR, "contentMediaType":
+                                                                                 "application/json"}]}}}}}}}}
 
 _TOOL = {"type": "object", "required": ["function"], "properties": {
     "type": {"const": "function"},
@@ -119,7 +124,7 @@ _COMPLETION_RESPONSE = {"type": "object", "required": ["id", "object", "created"
                                            "properties": {"index": _INT, "text": _STR, "finish_reason": _FINISH,
                                                           "logprobs": _nullable({"type": "object"}),
                                                           "prompt_logprobs": _nullable({"type": "array"})}}}}}
-_CHAT_MESSAGE = {"type": "object", "required": ["role"], "properties": {
+_CHAT_MESSAGE = {"type": "object", "required": ["role"], "additionalProperties": False, "properties": {
     "role": {"const": "assistant"}, "content": _nullable(_STR), "tool_calls": {"type": "array", "items": {
         "type": "object", "required": ["id", "type", "function"], "properties": {
             "id": _STR, "type": {"const": "function"}, "function": {
@@ -149,8 +154,11 @@ def _errors(*codes: int) -> dict:
     return {str(c): _json({"$ref": "#/components/schemas/Error"}, text[c]) for c in codes}
 
 
-def openapi_document(model_name: str) -> dict[str, Any]:
+def openapi_document(model_name: str, vocab_size: int) -> dict[str, Any]:
+    """Cross-field limits (prompt + max_tokens within the context, min_tokens
+    <= max_tokens, best_of >= n, ...) are beyond JSON Schema: they are 400s."""
     model_param = {"type": "string", "description": f"this server serves {model_name!r}"}
+    token_ids = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": vocab_size - 1}}
     completion_req = {"type": "object", "required": ["model", "prompt"], "additionalProperties": False,
                       "properties": {"model": model_param, "prompt": {"anyOf": [
                           _STR, {"type": "array", "items": _STR, "minItems": 1}, {**_IDS, "minItems": 1},
@@ -215,18 +223,19 @@ def openapi_document(model_name: str) -> dict[str, Any]:
             "/tokenize": {"post": {
                 "summary": "Tokenize a prompt or chat messages", "security": security,
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                    "type": "object", "properties": {"model": model_param, "prompt": _STR,
-                                                     "messages": {"type": "array", "items": _MESSAGE},
-                                                     "add_special_tokens": _BOOL}}}}},
+                    "type": "object", "additionalProperties": False, "properties": {"model": model_param, "prompt": _STR,
+                                                     "messages": {"type": "array", "items": _MESSAGE, "minItems": 1},
+                                                     "add_special_tokens": _BOOL},
+                    "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]}}}},
                 "responses": {"200": _json({"type": "object", "required": ["tokens", "count", "max_model_len"],
                                             "properties": {"tokens": _IDS, "count": _INT, "max_model_len": _INT}},
                                            "token ids"), **_errors(400, 401, 404)}}},
             "/detokenize": {"post": {
                 "summary": "Token ids to text", "security": security,
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                    "type": "object", "required": ["tokens"], "properties": {"model": model_param,
-                                                                             "tokens": _IDS}}}}},
+                    "type": "object", "required": ["tokens"], "additionalProperties": False, "properties": {"model": model_param,
+                                                                             "tokens": token_ids}}}}},
                 "responses": {"200": _json({"type": "object", "required": ["prompt"], "properties": {
-                    "prompt": _STR}}, "text"), **_errors(400, 401)}}},
+                    "prompt": _STR}}, "text"), **_errors(400, 401, 404)}}},
         },
     }

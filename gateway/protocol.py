@@ -15,7 +15,7 @@ from fastserve.gateway.config import GatewayConfig
 from fastserve.gateway.errors import APIError, bad
 from fastserve.gateway.model_info import ModelInfo
 from fastserve.gateway.structured import GUIDED_KEYS, grammar_for
-from fastserve.gateway.tools import ToolRequest, parse_tools
+from fastserve.gateway.tools import ToolRequest, parse_tools, tool_parser_for
 
 __all__ = ["APIError", "GenerateRequest", "bad", "check_model", "parse_chat", "parse_completion"]
 
@@ -84,10 +84,23 @@ class GenerateRequest:
 _MISSING = object()
 
 
+def as_int(value: Any) -> int | None:
+    """An integer, also written as 1.0 (JSON Schema's and vLLM's integers); else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
 def _get(body: dict, key: str, kinds: tuple[type, ...], default: Any = None, *, what: str = "") -> Any:
     value = body.get(key, _MISSING)
     if value is _MISSING or value is None:
         return default
+    if kinds == (int,) and as_int(value) is not None:
+        return as_int(value)
     ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
     if not ok:
         names = what or " or ".join(k.__name__ for k in kinds).replace("float", "number").replace("str", "string")
@@ -96,8 +109,9 @@ def _get(body: dict, key: str, kinds: tuple[type, ...], default: Any = None, *, 
 
 
 def _int_list(value: Any, key: str, vocab: int) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+    if not isinstance(value, list) or any(as_int(t) is None for t in value):
         raise bad(f"'{key}' must be a list of token ids", key)
+    value = [as_int(t) for t in value]
     for t in value:
         if not 0 <= t < vocab:
             raise bad(f"'{key}' contains token id {t}, outside the vocabulary [0, {vocab})", key)
@@ -289,7 +303,7 @@ def parse_completion(body: dict, cfg: GatewayConfig, model: ModelInfo, max_len: 
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         raw: list = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    elif isinstance(prompt, list) and prompt and all(as_int(t) is not None for t in prompt):
         raw = [prompt]
     elif isinstance(prompt, list) and prompt:
         raw = prompt
@@ -321,7 +335,8 @@ def parse_completion(body: dict, cfg: GatewayConfig, model: ModelInfo, max_len: 
 def parse_chat(body: dict, cfg: GatewayConfig, model: ModelInfo, max_len: int) -> GenerateRequest:
     check_model(body, model)
     _check_keys(body, _CHAT)
-    tools = parse_tools(body, model.tool_parser)
+    template = body.get("chat_template")
+    tools = parse_tools(body, tool_parser_for(template) if isinstance(template, str) else model.tool_parser)
     text = render_chat(body, model, tools.tools if tools else None)
     # The template writes the special tokens itself, so none are added by default (as transformers does).
     ids = model.encode(text, add_special_tokens=_get(body, "add_special_tokens", (bool,), False))

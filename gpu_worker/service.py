@@ -167,7 +167,7 @@ class WorkerService:
         for job_id in job_ids:
             seq = self.seqs.pop(job_id, None)
             if seq is not None:
-                log.info("job freed", job_id=job_id, trace_id=seq.trace_id, generated=seq.num_generated)
+                log.debug("job freed", job_id=job_id, trace_id=seq.trace_id, generated=seq.num_generated)
 
     # ------------------------------------------------------------------ steps
     async def _step_loop(self) -> None:
@@ -197,7 +197,7 @@ class WorkerService:
         for job_id, tokens, sampling, *rest in cmd.new:
             trace_id = rest[0] if rest else ""
             self.seqs[job_id] = _Seq(list(tokens), SamplingParams.from_dict(sampling), trace_id=trace_id)
-            log.info("job registered", job_id=job_id, trace_id=trace_id, tokens=len(tokens))
+            log.debug("job registered", job_id=job_id, trace_id=trace_id, tokens=len(tokens))
         work = []
         for job_id, num_computed, num_new, sample, append, table in cmd.run:
             seq = self.seqs.get(job_id)

@@ -169,7 +169,7 @@ class KVStoreService:
                                              direction=direction, error=str(exc)))
                 continue
             self._inflight[copy.copy_id] = copy
-            log.info("kv move", job_id=job_id, direction=direction, blocks=len(copy.src_blocks))
+            log.debug("kv move", job_id=job_id, direction=direction, blocks=len(copy.src_blocks))
             try:
                 await self.bus.publish(names.worker_queue(plan.replica), encode(copy))
             except Exception as exc:  # the scheduler must hear of it, or the job waits forever
