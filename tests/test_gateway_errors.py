@@ -59,7 +59,7 @@ def assert_openai_error(body, status_param=None):
         ("/v1/completions", {"model": "tiny", "prompt": "x", "priority": 1}, 400, "priority", "not supported"),
         ("/v1/completions", {"model": "tiny", "prompt": "x", "truncate_prompt_tokens": 0}, 400,
          "truncate_prompt_tokens", "-1 or in 1..512"),
-        ("/v1/completions", {"model": "tiny", "prompt": "x", "seed": 2 ** 64}, 400, "seed", "must be int"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "seed": 2 ** 64}, 400, "seed", "64-bit integer"),
         ("/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias", "token ids"),
         ("/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"5000": 1}}, 400, "logit_bias",
          "outside the vocabulary"),
