@@ -303,7 +303,8 @@ class Engine:
             from fastserve.gpu_worker.grammar import Grammars
 
             cfg = self.model_config
-            self._grammars = Grammars(self.tokenizer.to_str(), cfg.vocab_size, cfg.eos_token_ids)
+            self._grammars = Grammars(self.tokenizer.to_str(), cfg.vocab_size, cfg.eos_token_ids,
+                                      overlap=self.device.type == "cuda")
         return self._grammars
 
     def check_prompt(self, prompt_token_ids: list[int], max_tokens: int = 1) -> None:

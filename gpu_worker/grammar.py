@@ -1,5 +1,6 @@
 """Structured output through llguidance: one matcher per constrained job, the
-batch's token masks computed on a helper thread while the model runs.
+batch's token masks computed in one parallel call, on a GPU on a helper
+thread while the model runs.
 
 llguidance (not xgrammar or outlines-core) because it compiles a grammar in
 about a millisecond with no per-schema precomputation (every request may
@@ -19,7 +20,12 @@ log = structlog.get_logger("fastserve.worker")
 
 
 class Grammars:
-    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: tuple[int, ...]):
+    """overlap: compute the masks on a helper thread while the forward pass
+    runs (on a GPU, whose forward leaves the CPU idle); without it they are
+    computed when asked for (on a CPU device the forward already keeps every
+    core busy, and a competing thread slows it more than the masks cost)."""
+
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: tuple[int, ...], overlap: bool = True):
         import llguidance
 
         self._ll = llguidance
@@ -28,7 +34,7 @@ class Grammars:
         self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32
         self.executor = llguidance.LLExecutor()
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask") if overlap else None
 
     def matcher(self, grammar: str):
         """A matcher for one job. A grammar llguidance rejects leaves the
@@ -43,7 +49,11 @@ class Grammars:
         """Advance each matcher past the output tokens fed since last time,
         then fill the (len(states), words) int32 bitmask of the next token;
         runs on the helper thread. Returns a future of the bitmask."""
-        return self._thread.submit(self._advance_and_fill, states)
+        if self._thread is not None:
+            return self._thread.submit(self._advance_and_fill, states)
+        done: Future = Future()
+        done.set_result(self._advance_and_fill(states))
+        return done
 
     def _advance_and_fill(self, states: list[JobState]) -> torch.Tensor:
         for st in states:
@@ -55,6 +65,3 @@ class Grammars:
         self.executor.unsafe_compute_mask_ptr([(st.matcher, i) for i, st in enumerate(states)],
                                               bitmask.data_ptr(), self.words * 4, len(states))
         return bitmask
-
-    def close(self) -> None:
-        self._thread.shutdown(wait=True)

@@ -42,15 +42,16 @@ class SampleRow:
 
 class PenaltyPool:
     """Per-job token counts for the penalties, one row per job that has any,
-    on the logits' device: (slots, V) int32 output-token counts and a (slots,
-    V) bool mask of the prompt's tokens. A step gathers its jobs' rows with
-    one index_select instead of recounting every token it has seen."""
+    on the logits' device: (slots, V) float32 counts of the generated tokens
+    and a (slots, V) bool mask of every token seen (prompt and output). A step
+    gathers its jobs' rows with one index_select instead of recounting every
+    token it has seen."""
 
     def __init__(self, vocab_size: int, device) -> None:
         self.vocab_size = vocab_size
         self.device = device
-        self.counts = torch.zeros((0, vocab_size), dtype=torch.int32, device=device)
-        self.prompt = torch.zeros((0, vocab_size), dtype=torch.bool, device=device)
+        self.counts = torch.zeros((0, vocab_size), dtype=torch.float32, device=device)
+        self.seen = torch.zeros((0, vocab_size), dtype=torch.bool, device=device)
         self._free: list[int] = []
 
     def acquire(self) -> int:
@@ -58,40 +59,45 @@ class PenaltyPool:
             n = self.counts.shape[0]
             grow = max(8, n)
             self.counts = torch.cat([self.counts, self.counts.new_zeros((grow, self.vocab_size))])
-            self.prompt = torch.cat([self.prompt, self.prompt.new_zeros((grow, self.vocab_size))])
+            self.seen = torch.cat([self.seen, self.seen.new_zeros((grow, self.vocab_size))])
             self._free = list(range(n + grow - 1, n - 1, -1))
         return self._free.pop()
 
     def release(self, slot: int) -> None:
         self.counts[slot].zero_()
-        self.prompt[slot].zero_()
+        self.seen[slot].zero_()
         self._free.append(slot)
 
     def sync(self, rows: list[SampleRow]) -> None:
         """Count the tokens fed since the last step into each row's slot."""
-        prompt_slots, prompt_toks, out_slots, out_toks, reset = [], [], [], [], []
+        seen_slots, seen_toks, out_slots, out_toks, reset = [], [], [], [], []
         for r in rows:
             st = r.state
             if st.slot < 0:
                 st.slot = self.acquire()
-                prompt_slots.extend([st.slot] * st.prompt_len)
-                prompt_toks.extend(st.tokens[:st.prompt_len])
-            new = st.output(st.counted)
+                seen_slots.extend([st.slot] * st.prompt_len)
+                seen_toks.extend(st.tokens[:st.prompt_len])
             if st.counted > r.num_generated:  # fed again shorter than counted: recount from scratch
                 reset.append(st.slot)
-                st.counted, new = 0, st.output(0)
+                seen_slots.extend([st.slot] * st.prompt_len)
+                seen_toks.extend(st.tokens[:st.prompt_len])
+                st.counted = 0
+            new = st.output(st.counted)
             out_slots.extend([st.slot] * len(new))
             out_toks.extend(new)
             st.counted += len(new)
         if reset:
-            self.counts[torch.tensor(reset, device=self.device)] = 0
-        if prompt_toks:
-            self.prompt[torch.tensor(prompt_slots, device=self.device),
-                        torch.tensor(prompt_toks, device=self.device)] = True
+            r_idx = torch.tensor(reset, device=self.device)
+            self.counts[r_idx] = 0
+            self.seen[r_idx] = False
         if out_toks:
-            ones = torch.ones(len(out_toks), dtype=torch.int32, device=self.device)
-            self.counts.index_put_((torch.tensor(out_slots, device=self.device),
-                                    torch.tensor(out_toks, device=self.device)), ones, accumulate=True)
+            s_idx = torch.tensor(out_slots, device=self.device)
+            t_idx = torch.tensor(out_toks, device=self.device)
+            self.counts.index_put_((s_idx, t_idx), torch.ones(len(out_toks), device=self.device), accumulate=True)
+            seen_slots.extend(out_slots)
+            seen_toks.extend(out_toks)
+        if seen_toks:
+            self.seen[torch.tensor(seen_slots, device=self.device), torch.tensor(seen_toks, device=self.device)] = True
 
 
 class Sampler:
@@ -100,6 +106,7 @@ class Sampler:
         self.eos_token_ids = tuple(eos_token_ids)
         self.device = torch.device(device)
         self.penalties = PenaltyPool(vocab_size, self.device)
+        self._may_ban_all = False
 
     def release(self, state: JobState) -> None:
         if state.slot >= 0:
@@ -119,7 +126,7 @@ class Sampler:
         if random_rows:
             tokens[torch.tensor(random_rows, device=logits.device)] = self._draw(
                 processed, [rows[i] for i in random_rows], random_rows, generator)
-        if processed is not logits:
+        if self._may_ban_all:
             # No token allowed at all (constraints that contradict each other,
             # e.g. min_tokens with a finished grammar): end the job with EOS.
             dead = torch.isneginf(processed.max(dim=-1).values)
@@ -158,6 +165,8 @@ class Sampler:
                 bias.extend((i, t, b) for t, b in p.logit_bias)
             if p.has_penalties:
                 pen.append(i)
+        # Only bans and masks can leave a row with no token at all (biases are finite).
+        self._may_ban_all = bool(allowed or banned or grammar_mask is not None)
         if not (allowed or banned or bias or pen or grammar_mask is not None):
             return logits
         out = logits.clone()
@@ -186,27 +195,32 @@ class Sampler:
         return out
 
     def _apply_penalties(self, out: torch.Tensor, rows: list[SampleRow], pen: list[int]) -> None:
+        """In place, on the (row, token) pairs a job has seen only: every
+        other logit is untouched by the three penalties, and the seen tokens
+        are few next to the vocabulary."""
         pool = self.penalties
         pool.sync([rows[i] for i in pen])
         dev = out.device
-        idx = torch.tensor(pen, device=dev)
         slots = torch.tensor([rows[i].state.slot for i in pen], device=dev)
-        counts = pool.counts.index_select(0, slots)
-        seen_out = counts > 0
         params = [rows[i].params for i in pen]
-        rep = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]
-        freq = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
-        pres = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
-        x = out.index_select(0, idx)
+        k, t = pool.seen.index_select(0, slots).nonzero(as_tuple=True)  # (K,) rows of pen, (K,) token ids
+        r = torch.tensor(pen, device=dev)[k]
+        x = out[r, t]
+        rep = torch.tensor([p.repetition_penalty for p in params], device=dev)[k]
         # Repetition (prompt and output tokens): shrink a positive logit, grow a negative one.
-        seen = seen_out | pool.prompt.index_select(0, slots)
-        x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+        x = torch.where(x > 0, x / rep, x * rep)
         # Frequency and presence (output tokens only), as OpenAI defines them.
-        x = x - freq * counts - pres * seen_out
-        out[idx] = x
+        counts = pool.counts[slots[k], t]
+        freq = torch.tensor([p.frequency_penalty for p in params], device=dev)[k]
+        pres = torch.tensor([p.presence_penalty for p in params], device=dev)[k]
+        out[r, t] = x - freq * counts - pres * (counts > 0)
 
     # ------------------------------------------------------------------ the draw
     def _draw(self, logits: torch.Tensor, rows: list[SampleRow], index: list[int], generator) -> torch.Tensor:
+        """Inverse-CDF draws. Rows with top-k or top-p are sorted first (the
+        cut needs the order); the others draw in vocabulary order, which
+        spares a (B, V) sort. Which path a row takes depends on its own
+        parameters only, so its draw never depends on the batch."""
         dev = logits.device
         idx = torch.tensor(index, device=dev)
         temps = torch.tensor([r.params.temperature for r in rows], device=dev)
@@ -216,23 +230,34 @@ class Sampler:
             probs = sub.softmax(dim=-1)
             floor = probs.amax(dim=-1, keepdim=True) * min_p[:, None]
             sub = sub.masked_fill(probs < floor, _NEG_INF)
-        sorted_logits, sorted_idx = sub.sort(dim=-1, descending=True, stable=True)
+        u = torch.tensor([_seeded_uniform(r.params.seed, r.num_generated) if r.params.seed is not None
+                          else torch.rand((), generator=generator).item() for r in rows], device=dev)
         V = sub.shape[-1]
-        ranks = torch.arange(V, device=dev)
-        top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else V for r in rows], device=dev)
-        sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= top_k[:, None], _NEG_INF)
-        top_p = torch.tensor([r.params.top_p for r in rows], device=dev)
-        if bool((top_p < 1.0).any()):
-            probs = sorted_logits.softmax(dim=-1)
-            mass_before = probs.cumsum(dim=-1) - probs
-            drop = (mass_before >= top_p[:, None]) & (ranks[None, :] > 0)
-            sorted_logits = sorted_logits.masked_fill(drop, _NEG_INF)
-        cdf = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        u = [_seeded_uniform(r.params.seed, r.num_generated) if r.params.seed is not None
-             else torch.rand((), generator=generator).item() for r in rows]
-        u = torch.tensor(u, device=dev, dtype=cdf.dtype)[:, None] * cdf[:, -1:]
-        pick = torch.searchsorted(cdf, u).clamp_(max=V - 1)
-        return sorted_idx.gather(1, pick).squeeze(1)
+        out = torch.empty(len(rows), dtype=torch.long, device=dev)
+        cut = [j for j, r in enumerate(rows) if r.params.top_k > 0 or r.params.top_p < 1.0]
+        whole = [j for j, r in enumerate(rows) if not (r.params.top_k > 0 or r.params.top_p < 1.0)]
+        if whole:
+            w = torch.tensor(whole, device=dev)
+            cdf = sub.index_select(0, w).softmax(dim=-1).cumsum(dim=-1)
+            # u > 0: the first index whose cdf reaches u * total then has a positive probability.
+            v = u[w].clamp_min(1e-7) * cdf[:, -1]
+            out[w] = torch.searchsorted(cdf, v.unsqueeze(1)).squeeze(1).clamp_(max=V - 1)
+        if cut:
+            c = torch.tensor(cut, device=dev)
+            sorted_logits, sorted_idx = sub.index_select(0, c).sort(dim=-1, descending=True, stable=True)
+            ranks = torch.arange(V, device=dev)
+            top_k = torch.tensor([rows[j].params.top_k if rows[j].params.top_k > 0 else V for j in cut], device=dev)
+            sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= top_k[:, None], _NEG_INF)
+            top_p = torch.tensor([rows[j].params.top_p for j in cut], device=dev)
+            if bool((top_p < 1.0).any()):
+                probs = sorted_logits.softmax(dim=-1)
+                mass_before = probs.cumsum(dim=-1) - probs
+                drop = (mass_before >= top_p[:, None]) & (ranks[None, :] > 0)
+                sorted_logits = sorted_logits.masked_fill(drop, _NEG_INF)
+            cdf = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            pick = torch.searchsorted(cdf, (u[c] * cdf[:, -1]).unsqueeze(1)).clamp_(max=V - 1)
+            out[c] = sorted_idx.gather(1, pick).squeeze(1)
+        return out
 
 
 def _bad_word_bans(bad_words: tuple[tuple[int, ...], ...], output: list[int]) -> list[int]:

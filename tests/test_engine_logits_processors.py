@@ -145,7 +145,8 @@ def test_states_are_released(tiny_model_dir):
     engine.release(["a"])
     engine.step([SeqWork("b", [5, 6], 0, [1])])
     assert len(engine.states) == 0
-    assert engine.sampler.penalties._free and not engine.sampler.penalties.counts.any()
+    pool = engine.sampler.penalties
+    assert pool._free and not pool.counts.any() and not pool.seen.any()
 
 
 @pytest.mark.parametrize("kwargs", [dict(presence_penalty=2.5), dict(frequency_penalty=-3), dict(repetition_penalty=0),
