@@ -183,7 +183,8 @@ async def tokenize(request: web.Request) -> web.Response:
     else:
         raise bad("send 'prompt' (a string) or 'messages'", "prompt")
     ids = state.model.encode(text, add_special_tokens=add_special)
-    return json_response({"tokens": ids, "count": len(ids), "max_model_len": state.model.max_model_len})
+    return json_response({"tokens": ids, "count": len(ids),
+                          "max_model_len": state.tracker.max_model_len(state.model.max_model_len)})
 
 
 async def detokenize(request: web.Request) -> web.Response:

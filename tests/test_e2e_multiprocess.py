@@ -39,7 +39,8 @@ async def test_four_processes_on_rabbitmq_serve_a_request(rabbitmq_url, tiny_mod
     env = {**os.environ, "FASTSERVE_BROKER": rabbitmq_url, "FASTSERVE_NAMESPACE": namespace,
            "FASTSERVE_MODEL": str(tiny_model_dir), "FASTSERVE_REPLICA": replica, "FASTSERVE_HOST": "127.0.0.1",
            "FASTSERVE_PORT": str(port), "FASTSERVE_GPU_KV_BLOCKS": "64", "FASTSERVE_HOST_KV_BLOCKS": "32",
-           "FASTSERVE_HOST_KV_PATH": str(tmp_path / "pool.bin")}
+           "FASTSERVE_HOST_KV_PATH": str(tmp_path / "pool.bin"),
+           "FASTSERVE_LOG_LEVEL": "DEBUG"}  # the per-job lines that carry the ids are DEBUG
     procs, logs = {}, {}
     try:
         for service in ("kvstore", "worker", "scheduler", "gateway"):
