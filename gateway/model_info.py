@@ -42,7 +42,8 @@ class ModelInfo:
             raise ValueError(f"{model_dir}: cannot tell the context length (no max_position_embeddings in config.json)")
         vocab = int(cfg.get("vocab_size") or tokenizer.get_vocab_size())
         tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.is_file() else {}
-        return cls(name, tokenizer, template, max_len, vocab, int(cfg_path.stat().st_mtime) if cfg_path.is_file() else 0,
+        created = int(cfg_path.stat().st_mtime) if cfg_path.is_file() else 0
+        return cls(name, tokenizer, template, max_len, vocab, created,
                    bos_token=_token_text(tok_cfg.get("bos_token")), eos_token=_token_text(tok_cfg.get("eos_token")),
                    tool_parser=tool_parser_for(template.source if template else None))
 

@@ -223,9 +223,9 @@ def openapi_document(model_name: str, vocab_size: int) -> dict[str, Any]:
             "/tokenize": {"post": {
                 "summary": "Tokenize a prompt or chat messages", "security": security,
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                    "type": "object", "additionalProperties": False, "properties": {"model": model_param, "prompt": _STR,
-                                                     "messages": {"type": "array", "items": _MESSAGE, "minItems": 1},
-                                                     "add_special_tokens": _BOOL},
+                    "type": "object", "additionalProperties": False, "properties": {
+                        "model": model_param, "prompt": _STR, "add_special_tokens": _BOOL,
+                        "messages": {"type": "array", "items": _MESSAGE, "minItems": 1}},
                     "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]}}}},
                 "responses": {"200": _json({"type": "object", "required": ["tokens", "count", "max_model_len"],
                                             "properties": {"tokens": _IDS, "count": _INT, "max_model_len": _INT}},
@@ -233,8 +233,8 @@ def openapi_document(model_name: str, vocab_size: int) -> dict[str, Any]:
             "/detokenize": {"post": {
                 "summary": "Token ids to text", "security": security,
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                    "type": "object", "required": ["tokens"], "additionalProperties": False, "properties": {"model": model_param,
-                                                                             "tokens": token_ids}}}}},
+                    "type": "object", "required": ["tokens"], "additionalProperties": False,
+                    "properties": {"model": model_param, "tokens": token_ids}}}}},
                 "responses": {"200": _json({"type": "object", "required": ["prompt"], "properties": {
                     "prompt": _STR}}, "text"), **_errors(400, 401, 404)}}},
         },

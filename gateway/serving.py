@@ -59,8 +59,9 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     for p, prompt in enumerate(req.prompts):
         for j in range(req.best_of):
             index = p * req.best_of + j
-            choices.append(ChoiceOutput(index, state.model, prompt, req.stop, include_stop=req.include_stop_str_in_output,
-                                        logprobs=req.logprobs, skip_special_tokens=req.skip_special_tokens,
+            choices.append(ChoiceOutput(index, state.model, prompt, req.stop,
+                                        include_stop=req.include_stop_str_in_output, logprobs=req.logprobs,
+                                        skip_special_tokens=req.skip_special_tokens,
                                         prefix=req.echo_texts[p] if req.echo else "", discard=req.echo_only))
             jobs.append((f"{request_id}-{index}", prompt, req.choice_sampling(j).to_dict()))
     request[ACCESS].update(request_id=request_id, prompt_tokens=sum(len(p) for p in req.prompts))

@@ -36,7 +36,8 @@ SCHEMAS = [
 
 @pytest.fixture
 async def served(memory_bus, tiny_model_dir, tmp_path):
-    cfg = NodeConfig(model=str(tiny_model_dir), served_model_name="tiny", replica=f"r{uuid.uuid4().hex[:6]}", port=free_port(),
+    cfg = NodeConfig(model=str(tiny_model_dir), served_model_name="tiny", replica=f"r{uuid.uuid4().hex[:6]}",
+                     port=free_port(),
                      gpu_kv_blocks=64, kv_policy="recompute", host_kv_blocks=0)
     stack = await Stack(cfg, memory_bus).start()
     await wait_healthy(stack.base_url)
@@ -158,7 +159,8 @@ async def test_min_tokens_and_continue_final_message(served):
 
 
 async def test_kv_pool_limit_is_advertised_and_enforced(memory_bus, tiny_model_dir):
-    cfg = NodeConfig(model=str(tiny_model_dir), served_model_name="tiny", replica=f"r{uuid.uuid4().hex[:6]}", port=free_port(),
+    cfg = NodeConfig(model=str(tiny_model_dir), served_model_name="tiny", replica=f"r{uuid.uuid4().hex[:6]}",
+                     port=free_port(),
                      gpu_kv_blocks=8, block_size=16, kv_policy="recompute", host_kv_blocks=0)
     stack = await Stack(cfg, memory_bus).start()
     try:
