@@ -1,4 +1,5 @@
-"""JSON logs through structlog, one line per event.
+"""Logs through structlog, one line per event: JSON when stderr is not a
+terminal (files, containers, collectors), readable colored lines when it is.
 
 Every line carries `service` (set here, or bound per component in the
 one-process mode), a UTC timestamp, the level, and whatever is bound in
@@ -23,9 +24,12 @@ def _orjson_dumps(obj: Any, default: Any = None) -> bytes:
     return orjson.dumps(obj, default=default or repr)
 
 
-def setup_logging(service: str, level: str | int = "INFO", *, stream: IO[bytes] | None = None) -> None:
+def setup_logging(service: str, level: str | int = "INFO", *, stream: IO[bytes] | None = None,
+                  pretty: bool | None = None) -> None:
     """Configure structlog (and the stdlib root logger, for aio-pika/aiohttp)
-    to write JSON lines to `stream` (default: stderr). Safe to call again."""
+    to write to `stream` (default: stderr): JSON lines for log collectors, or
+    readable colored lines when `pretty` (default: when the stream is a
+    terminal). Safe to call again."""
     if isinstance(level, str):
         level_no = logging.getLevelName(level.upper())
         if not isinstance(level_no, int):
@@ -33,6 +37,8 @@ def setup_logging(service: str, level: str | int = "INFO", *, stream: IO[bytes] 
     else:
         level_no = level
     out = stream if stream is not None else sys.stderr.buffer
+    if pretty is None:
+        pretty = out.isatty()
 
     def add_service(logger: Any, _name: str, event_dict: dict) -> dict:
         event_dict.setdefault("service", service)
@@ -49,13 +55,17 @@ def setup_logging(service: str, level: str | int = "INFO", *, stream: IO[bytes] 
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         add_service,
     ]
+    if pretty:
+        console = structlog.dev.ConsoleRenderer(colors=True)
+        render = [structlog.processors.StackInfoRenderer(), console, lambda _l, _n, text: text.encode()]
+        foreign = [structlog.stdlib.ProcessorFormatter.remove_processors_meta, console]
+    else:
+        render = [structlog.processors.StackInfoRenderer(), structlog.processors.dict_tracebacks,
+                  structlog.processors.JSONRenderer(serializer=_orjson_dumps)]
+        foreign = [structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.dict_tracebacks,
+                   structlog.processors.JSONRenderer()]
     structlog.configure(
-        processors=[
-            *shared,
-            structlog.processors.StackInfoRenderer(),
-            structlog.processors.dict_tracebacks,
-            structlog.processors.JSONRenderer(serializer=_orjson_dumps),
-        ],
+        processors=[*shared, *render],
         wrapper_class=structlog.make_filtering_bound_logger(level_no),
         logger_factory=_NamedBytesLoggerFactory(out),
         cache_logger_on_first_use=False,
@@ -65,11 +75,7 @@ def setup_logging(service: str, level: str | int = "INFO", *, stream: IO[bytes] 
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
-            processors=[
-                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                structlog.processors.dict_tracebacks,
-                structlog.processors.JSONRenderer(),
-            ],
+            processors=foreign,
         )
     )
     root = logging.getLogger()

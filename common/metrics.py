@@ -2,7 +2,9 @@
 
 One `Metrics` per app, each with its own CollectorRegistry, so that several
 apps (tests, the one-process mode) never clash in the global registry.
-Request-level metrics are observed by the gateway; scheduler-state gauges are
+Request-level metrics are observed by the gateway, once per HTTP request
+(a request with n choices is one request: one TTFT, one latency, its prompt
+tokens once); scheduler-state gauges are
 fed from the SchedulerStats each scheduler broadcasts, labelled by scheduler
 instance so that several replicas show side by side.
 """
@@ -73,7 +75,9 @@ class Metrics:
     def observe_queue_time(self, seconds: float) -> None:
         self.request_queue_time.labels(self.model_name).observe(seconds)
 
-    def observe_finished(self, seconds: float, finish_reason: str, prompt_tokens: int, generated_tokens: int) -> None:
+    def observe_request(self, seconds: float, finish_reason: str, prompt_tokens: int, generated_tokens: int) -> None:
+        """Once per request (not per choice): its latency, its prompt tokens
+        (each prompt once) and the tokens of every choice it returns."""
         self.e2e_request_latency.labels(self.model_name).observe(seconds)
         self.request_success.labels(self.model_name, finish_reason).inc()
         self.prompt_tokens.labels(self.model_name).inc(prompt_tokens)

@@ -313,6 +313,8 @@ class TokenEvent:
     num_prompt_tokens: int = 0
     num_generated: int = 0  # total generated so far, this event included
     queue_time: float | None = None  # seconds from arrival to first scheduled (first token's event)
+    # With the first token, if asked for: prompt positions 1.. (position 0 has none).
+    prompt_logprobs: list[PromptLogprob] | None = None
 
     @property
     def finished(self) -> bool:
@@ -468,6 +470,16 @@ class TopLogprob:
 
 @struct
 @dataclass(slots=True)
+class PromptLogprob:
+    """One prompt token's logprob under the model, its rank, and the top-k there."""
+
+    logprob: float
+    rank: int
+    top: list[TopLogprob] = field(default_factory=list)
+
+
+@struct
+@dataclass(slots=True)
 class SampledToken:
     """What one job of an iteration produced; `error` set: this job failed
     alone (bad parameters, ...) and the rest of the batch went on."""
@@ -477,6 +489,7 @@ class SampledToken:
     logprob: float = 0.0
     top_logprobs: list[TopLogprob] | None = None
     error: str | None = None
+    prompt_logprobs: list[PromptLogprob] | None = None  # with a job's first token, if asked for
 
 
 @message

@@ -33,6 +33,7 @@ class ChatTemplate:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
         env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, indent=indent, ensure_ascii=False)
+        self.source = template
         self.template = env.from_string(template)
         self.bos_token = bos_token or ""
         self.eos_token = eos_token or ""

@@ -25,9 +25,14 @@ from fastserve.common.metrics import Metrics
 from fastserve.gateway.config import GatewayConfig
 from fastserve.gateway.jobs import JobTracker
 from fastserve.gateway.model_info import ModelInfo
-from fastserve.gateway.protocol import APIError, bad, render_chat
+from fastserve.gateway.chat import render_chat
+from fastserve.gateway.errors import APIError, bad
+from fastserve.gateway.protocol import as_int, check_model
 
 log = structlog.get_logger("fastserve.gateway")
+# What the access-log line of a request says beyond method, path and status
+# (handlers add the request id, token counts, finish reason).
+ACCESS = web.RequestKey("access", dict)
 
 
 @dataclass
@@ -67,6 +72,24 @@ async def read_json(request: web.Request) -> dict:
 
 
 @web.middleware
+async def access_log(request: web.Request, handler):
+    """One INFO line per request, when it ends (the details are DEBUG lines)."""
+    t0 = time.monotonic()
+    request[ACCESS] = {}
+    status = 500
+    try:
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    finally:
+        fields = request[ACCESS]
+        if fields.pop("client_gone", False):
+            status = 499
+        log.info("request", method=request.method, path=request.path, status=status,
+                 seconds=round(time.monotonic() - t0, 4), **fields)
+
+
+@web.middleware
 async def errors_and_auth(request: web.Request, handler):
     state = request.app[STATE]
     try:
@@ -94,11 +117,42 @@ async def errors_and_auth(request: web.Request, handler):
 
 # ------------------------------------------------------------------ simple endpoints
 
+def _model_card(state: GatewayState) -> dict:
+    m = state.model
+    # max_model_len: what a job can really use, the GPU KV pool included.
+    return {"id": m.name, "object": "model", "created": m.created, "owned_by": "fastserve",
+            "root": m.name, "parent": None, "max_model_len": state.tracker.max_model_len(m.max_model_len)}
+
+
 async def models(request: web.Request) -> web.Response:
-    m = request.app[STATE].model
-    return json_response({"object": "list", "data": [{
-        "id": m.name, "object": "model", "created": m.created, "owned_by": "fastserve",
-        "root": m.name, "parent": None, "max_model_len": m.max_model_len}]})
+    return json_response({"object": "list", "data": [_model_card(request.app[STATE])]})
+
+
+async def model_card(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    name = request.match_info["model_id"]
+    if name != state.model.name:
+        raise APIError(404, f"The model '{name}' does not exist; this server serves '{state.model.name}'.",
+                       "invalid_request_error", "model", "model_not_found")
+    return json_response(_model_card(state))
+
+
+async def version(request: web.Request) -> web.Response:
+    from importlib.metadata import version as dist_version
+
+    return json_response({"version": dist_version("fastserve")})
+
+
+async def ping(request: web.Request) -> web.Response:
+    """vLLM's /ping (SageMaker): /health's answer."""
+    return await health(request)
+
+
+async def openapi(request: web.Request) -> web.Response:
+    from fastserve.gateway.openapi import openapi_document
+
+    model = request.app[STATE].model
+    return json_response(openapi_document(model.name, model.vocab_size))
 
 
 async def health(request: web.Request) -> web.Response:
@@ -114,9 +168,11 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 async def tokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await read_json(request)
-    if body.get("model") is not None and body["model"] != state.model.name:
-        raise APIError(404, f"The model '{body['model']}' does not exist.", "invalid_request_error", "model",
-                       "model_not_found")
+    if body.get("model") is not None:
+        check_model(body, state.model)
+    unknown = set(body) - {"model", "prompt", "messages", "add_special_tokens"}
+    if unknown:
+        raise bad(f"Unrecognized request argument supplied: {sorted(unknown)[0]}", sorted(unknown)[0])
     add_special = body.get("add_special_tokens", "messages" not in body)
     if not isinstance(add_special, bool):
         raise bad("'add_special_tokens' must be a boolean", "add_special_tokens")
@@ -130,15 +186,22 @@ async def tokenize(request: web.Request) -> web.Response:
         raise bad(f"the text is longer than any {state.model.max_model_len} tokens can hold", "prompt",
                   "context_length_exceeded")
     ids = await asyncio.to_thread(state.model.encode, text, add_special)
-    return json_response({"tokens": ids, "count": len(ids), "max_model_len": state.model.max_model_len})
+    return json_response({"tokens": ids, "count": len(ids),
+                          "max_model_len": state.tracker.max_model_len(state.model.max_model_len)})
 
 
 async def detokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await read_json(request)
+    unknown = set(body) - {"model", "tokens"}
+    if unknown:
+        raise bad(f"Unrecognized request argument supplied: {sorted(unknown)[0]}", sorted(unknown)[0])
+    if body.get("model") is not None:
+        check_model(body, state.model)
     tokens = body.get("tokens")
-    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+    if not isinstance(tokens, list) or any(as_int(t) is None for t in tokens):
         raise bad("'tokens' must be a list of token ids", "tokens")
+    tokens = [as_int(t) for t in tokens]
     if any(not 0 <= t < state.model.vocab_size for t in tokens):
         raise bad(f"'tokens' holds ids outside the vocabulary [0, {state.model.vocab_size})", "tokens")
     return json_response({"prompt": state.model.decode(tokens)})
@@ -153,18 +216,23 @@ def create_app(config: GatewayConfig, bus: Bus, *, model: ModelInfo | None = Non
     model = model or ModelInfo.load(config.model, config.served_model_name)
     metrics = metrics or Metrics(model.name)
     state = GatewayState(config, bus, model, metrics, JobTracker(config, bus, metrics))
-    app = web.Application(middlewares=[errors_and_auth], client_max_size=32 * 1024 * 1024)
+    app = web.Application(middlewares=[access_log, errors_and_auth], client_max_size=32 * 1024 * 1024)
     app[STATE] = state
+    # Every route here is described in gateway/openapi.py (a test checks both lists agree).
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model_id}", model_card)
     app.router.add_get("/health", health)
+    app.router.add_get("/ping", ping)
+    app.router.add_post("/ping", ping)
+    app.router.add_get("/version", version)
     app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/openapi.json", openapi)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
     app.cleanup_ctx.append(_bus_lifecycle)
     return app
-
 
 
 async def _bus_lifecycle(app: web.Application) -> AsyncIterator[None]:

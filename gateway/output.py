@@ -18,7 +18,7 @@ from fastserve.gateway.model_info import ModelInfo
 class TokenLogprob:
     token_id: int
     text: str
-    logprob: float
+    logprob: float | None  # None: the first token of an echoed prompt
     top: list[tuple[int, str, float]]  # (token id, text, logprob) alternatives
 
 
@@ -41,22 +41,32 @@ def held_back(text: str, stops: list[str]) -> int:
 
 
 class ChoiceOutput:
+    """prefix: text that comes before the output (echo), in the first delta
+    and the full text; stop strings are looked for only after it. discard:
+    the output is dropped (echo with max_tokens 0), only the prefix shows."""
+
     def __init__(self, index: int, model: ModelInfo, prompt_ids: list[int], stop: list[str], *,
-                 include_stop: bool = False, logprobs: bool = False, skip_special_tokens: bool = True) -> None:
+                 include_stop: bool = False, logprobs: bool = False, skip_special_tokens: bool = True,
+                 prefix: str = "", discard: bool = False) -> None:
         self.index = index
         self.model = model
+        self.prompt_ids = prompt_ids
         self.prompt_len = len(prompt_ids)
         self.stop = stop
         self.include_stop = include_stop
         self.want_logprobs = logprobs
+        self.discard = discard
         self.detok = IncrementalDetokenizer(model.tokenizer, prompt_ids, skip_special_tokens=skip_special_tokens)
-        self.text = ""  # everything decoded so far, held-back text included
+        self.text = prefix  # everything decoded so far, held-back text included
+        self.prefix_len = len(prefix)
         self.emitted = 0  # characters of self.text already handed out
         self.num_tokens = 0
         self.finish_reason: str | None = None
         self.stopped_by_string = False  # the job is still running: the caller must cancel it
         self.error: str | None = None
         self.all_logprobs: list[TokenLogprob] = []
+        self.cumulative_logprob = 0.0  # of the tokens kept (best_of ranks by it)
+        self.prompt_logprobs: list | None = None  # from the engine, with the first token
 
     @property
     def finished(self) -> bool:
@@ -72,7 +82,16 @@ class ChoiceOutput:
         if ev.error is not None:
             self.error = ev.error
             return delta
+        if ev.prompt_logprobs is not None:
+            self.prompt_logprobs = ev.prompt_logprobs
+        if self.discard:
+            self.finish_reason = "length" if ev.finish_reason is not None else None
+            delta.text, self.emitted = self.text[self.emitted:], len(self.text)
+            delta.finish_reason = self.finish_reason
+            return delta
         self.num_tokens += len(ev.token_ids)
+        if ev.logprobs:
+            self.cumulative_logprob += sum(ev.logprobs)
         if self.want_logprobs:
             delta.logprobs = self._logprobs(ev)
             self.all_logprobs.extend(delta.logprobs)
@@ -80,7 +99,7 @@ class ChoiceOutput:
         if ev.finish_reason is not None:
             self.text += self.detok.flush()
         start = self.emitted
-        hit = self._find_stop(start)
+        hit = self._find_stop(max(start, self.prefix_len))
         if hit is not None:
             idx, s = hit
             end = idx + len(s) if self.include_stop else idx
@@ -91,7 +110,7 @@ class ChoiceOutput:
             end = len(self.text)
             self.finish_reason = "stop" if ev.finish_reason == "abort" else ev.finish_reason
         else:
-            end = len(self.text) - held_back(self.text, self.stop)
+            end = max(self.prefix_len, len(self.text) - held_back(self.text[self.prefix_len:], self.stop))
         delta.text = self.text[start:end]
         self.emitted = max(self.emitted, end)
         delta.finish_reason = self.finish_reason

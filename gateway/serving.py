@@ -1,6 +1,7 @@
-"""POST /v1/completions and /v1/chat/completions: submit one job per choice,
-turn their token events into OpenAI responses (SSE when streaming), cancel
-what is still running when the client goes away or a stop string matched."""
+"""POST /v1/completions and /v1/chat/completions: submit one job per choice
+(best_of per prompt), turn their token events into OpenAI responses (SSE
+when streaming), cancel what is still running when the client goes away or
+a stop string matched."""
 from __future__ import annotations
 
 import asyncio
@@ -14,10 +15,11 @@ from aiohttp import web
 
 from fastserve.common.logging import bind_job
 
-from fastserve.gateway.app import STATE, GatewayState, dumps, error_response, json_response, read_json
+from fastserve.gateway.app import ACCESS, STATE, GatewayState, dumps, error_response, json_response, read_json
 from fastserve.gateway.jobs import Submission
 from fastserve.gateway.output import ChoiceOutput, Delta, TokenLogprob
 from fastserve.gateway.protocol import APIError, GenerateRequest, parse_chat, parse_completion
+from fastserve.gateway.tools import calls_from_required, extract_tool_calls, tool_call
 
 log = structlog.get_logger("fastserve.gateway")
 
@@ -35,9 +37,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 class _Timing:
-    def __init__(self, arrival: float) -> None:
+    """When a request's first token and each choice's last token arrived."""
+
+    def __init__(self, arrival: float, num_choices: int) -> None:
         self.arrival = arrival
-        self.last: float | None = None
+        self.first: float | None = None
+        self.last: list[float | None] = [None] * num_choices
+        self.queue_seen = False
 
 
 async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
@@ -46,29 +52,41 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     parse = parse_completion if kind == "completion" else parse_chat
     # Tokenization and template rendering run in a thread: a huge prompt must
     # not freeze every other stream of this gateway (they are size-checked first).
-    req = await asyncio.to_thread(parse, body, state.config, state.model)
-    state.tracker.admit(len(req.prompts) * req.n)
-    request_id = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
+    req = await asyncio.to_thread(parse, body, state.config, state.model,
+                                  state.tracker.max_model_len(state.model.max_model_len))
+    state.tracker.admit(len(req.prompts) * req.best_of)
+    prefix = "cmpl" if kind == "completion" else "chatcmpl"
+    request_id = f"{prefix}-{req.request_id or uuid.uuid4().hex}"
     trace_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
     choices, jobs = [], []
     for p, prompt in enumerate(req.prompts):
-        for j in range(req.n):
-            index = p * req.n + j
-            choices.append(ChoiceOutput(index, state.model, prompt, req.stop, include_stop=req.include_stop_str_in_output,
-                                        logprobs=req.logprobs, skip_special_tokens=req.skip_special_tokens))
+        for j in range(req.best_of):
+            index = p * req.best_of + j
+            choices.append(ChoiceOutput(index, state.model, prompt, req.stop,
+                                        include_stop=req.include_stop_str_in_output, logprobs=req.logprobs,
+                                        skip_special_tokens=req.skip_special_tokens,
+                                        prefix=req.echo_texts[p] if req.echo else "", discard=req.echo_only))
             jobs.append((f"{request_id}-{index}", prompt, req.choice_sampling(j)))
+    request[ACCESS].update(request_id=request_id, prompt_tokens=sum(len(p) for p in req.prompts))
     with bind_job(request_id, trace_id):
         arrival = time.monotonic()
-        log.debug("request.received", kind=kind, prompts=len(req.prompts), n=req.n, stream=req.stream,
-                  prompt_tokens=[len(p) for p in req.prompts], max_tokens=req.sampling.max_tokens)
+        log.debug("request.received", kind=kind, prompts=len(req.prompts), n=req.n, best_of=req.best_of,
+                  stream=req.stream, prompt_tokens=[len(p) for p in req.prompts],
+                  max_tokens=req.sampling.max_tokens, user=req.user)
         sub = await state.tracker.submit(trace_id, jobs)
         try:
             if req.stream:
                 return await _stream(request, state, req, sub, choices, request_id, trace_id, arrival)
             return await _full(request, state, req, sub, choices, request_id, trace_id, arrival)
         except ClientGone:
-            log.info("request.client_gone", stream=req.stream)
+            log.debug("request.client_gone")
+            request[ACCESS]["client_gone"] = True
             return web.Response(status=499)
+        except asyncio.CancelledError:
+            # The client went away and aiohttp cancelled the handler: the jobs are cancelled below.
+            log.debug("request.client_gone")
+            request[ACCESS]["client_gone"] = True
+            raise
         except asyncio.CancelledError:
             # The client went away and aiohttp cancelled the handler: the jobs are cancelled below.
             log.info("request.client_gone", stream=req.stream)
@@ -78,10 +96,11 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
 
 
 async def _events(request: web.Request, state: GatewayState, sub: Submission, choices: list[ChoiceOutput],
-                  arrival: float) -> AsyncIterator[tuple[ChoiceOutput, Delta]]:
+                  timing: _Timing) -> AsyncIterator[tuple[ChoiceOutput, Delta]]:
     """(choice, delta) as token events arrive, until every choice is finished
-    or the request's deadline passes (then the unfinished choices end in an error)."""
-    timings = [_Timing(arrival) for _ in choices]
+    or the request's deadline passes (then the unfinished choices end in an
+    error). A client that goes away cancels the handler (aiohttp's handler
+    cancellation), and with it this wait."""
     while not all(c.finished for c in choices):
         try:
             index, ev = await asyncio.wait_for(sub.events.get(), max(sub.deadline - time.time(), 0.0))
@@ -95,7 +114,7 @@ async def _events(request: web.Request, state: GatewayState, sub: Submission, ch
         c = choices[index]
         if c.finished:
             continue  # e.g. tokens that were in flight when a stop string matched
-        _observe(state, timings[index], ev)
+        _observe(state, timing, index, ev)
         delta = c.add(ev)
         if c.finished:
             job_id = sub.job_ids[index]
@@ -103,32 +122,86 @@ async def _events(request: web.Request, state: GatewayState, sub: Submission, ch
                 state.tracker.release_job(sub, job_id, reason="stop string")
             else:
                 state.tracker.mark_finished(sub, job_id)
-            if c.error is None:
-                state.metrics.observe_finished(time.monotonic() - arrival, c.finish_reason or "stop",
-                                               c.prompt_len, c.num_tokens)
         yield c, delta
 
 
-def _observe(state: GatewayState, t: _Timing, ev) -> None:
+def _observe(state: GatewayState, t: _Timing, index: int, ev) -> None:
     now = time.monotonic()
-    if ev.queue_time is not None:
+    if ev.queue_time is not None and not t.queue_seen:
+        t.queue_seen = True
         state.metrics.observe_queue_time(ev.queue_time)
     if not ev.token_ids:
         return
-    if t.last is None:
+    if t.first is None:
+        t.first = now
         state.metrics.observe_first_token(now - t.arrival)
-        rest = len(ev.token_ids) - 1
-    else:
-        rest = len(ev.token_ids)
-        for _ in range(rest):
-            state.metrics.observe_inter_token((now - t.last) / rest)
-    t.last = now
+    last = t.last[index]
+    if last is not None:
+        for _ in ev.token_ids:
+            state.metrics.observe_inter_token((now - last) / len(ev.token_ids))
+    t.last[index] = now
+
+
+def _finish_request(request: web.Request, state: GatewayState, req: GenerateRequest,
+                    returned: list[ChoiceOutput], arrival: float) -> dict:
+    """Metrics and the access-log fields of a request that completed; its usage."""
+    usage = _usage(req, returned)
+    reasons = [c.finish_reason or "stop" for c in returned]
+    reason = "length" if "length" in reasons else reasons[0]
+    seconds = time.monotonic() - arrival
+    state.metrics.observe_request(seconds, reason, usage["prompt_tokens"], usage["completion_tokens"])
+    request[ACCESS].update(completion_tokens=usage["completion_tokens"], finish_reason=reason)
+    log.debug("request.finished", usage=usage, seconds=round(seconds, 4), finish_reasons=reasons)
+    return usage
 
 
 def _usage(req: GenerateRequest, choices: list[ChoiceOutput]) -> dict:
     prompt = sum(len(p) for p in req.prompts)
     completion = sum(c.num_tokens for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _best(req: GenerateRequest, choices: list[ChoiceOutput]) -> list[ChoiceOutput]:
+    """Of each prompt's best_of choices, the n with the highest cumulative
+    logprob, renumbered 0.. in that order (vLLM's best_of)."""
+    if req.best_of == req.n:
+        return choices
+    out = []
+    for p in range(len(req.prompts)):
+        group = choices[p * req.best_of:(p + 1) * req.best_of]
+        for k, c in enumerate(sorted(group, key=lambda c: -c.cumulative_logprob)[:req.n]):
+            c.index = p * req.n + k
+            out.append(c)
+    return out
+
+
+def _prompt_logprobs_by_prompt(req: GenerateRequest, choices: list[ChoiceOutput]) -> list[list | None]:
+    """The engine computes a prompt's logprobs in its first choice only."""
+    return [choices[p * req.best_of].prompt_logprobs for p in range(len(req.prompts))]
+
+
+def _vllm_prompt_logprobs(model, prompt: list[int], lps: list | None) -> list | None:
+    """vLLM's prompt_logprobs: None for the first token, then per token
+    {token_id: {"logprob", "rank", "decoded_token"}} with the top-k beside it."""
+    if lps is None:
+        return None
+    out: list = [None]
+    for tid, p in zip(prompt[1:], lps):
+        entry = {str(tid): {"logprob": p.logprob, "rank": p.rank, "decoded_token": model.token_text(tid)}}
+        for r, alt in enumerate(p.top, start=1):
+            entry.setdefault(str(alt.token_id), {"logprob": alt.logprob, "rank": r,
+                                                 "decoded_token": model.token_text(alt.token_id)})
+        out.append(entry)
+    return out
+
+
+def _echo_logprobs(model, prompt: list[int], lps: list | None) -> list[TokenLogprob | None]:
+    """Completion logprobs of the echoed prompt: the first token has none."""
+    out: list[TokenLogprob | None] = [TokenLogprob(prompt[0], model.token_text(prompt[0]), None, [])]
+    for tid, p in zip(prompt[1:], lps or []):
+        out.append(TokenLogprob(tid, model.token_text(tid), p.logprob,
+                                [(alt.token_id, model.token_text(alt.token_id), alt.logprob) for alt in p.top]))
+    return out
 
 
 def _completion_logprobs(lps: list[TokenLogprob], offset: int) -> dict:
@@ -142,12 +215,34 @@ def _completion_logprobs(lps: list[TokenLogprob], offset: int) -> dict:
             "text_offset": offsets}
 
 
-def _chat_logprobs(lps: list[TokenLogprob]) -> dict:
-    def entry(text: str, lp: float) -> dict:
-        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+def _chat_logprobs(model, lps: list[TokenLogprob]) -> dict:
+    def entry(tid: int, text: str, lp: float) -> dict:
+        return {"token": text, "logprob": lp, "bytes": list(model.token_bytes(tid))}
 
-    return {"content": [{**entry(lp.text, lp.logprob), "top_logprobs": [entry(t, v) for _, t, v in lp.top]}
-                        for lp in lps]}
+    return {"content": [{**entry(lp.token_id, lp.text, lp.logprob),
+                         "top_logprobs": [entry(t, s, v) for t, s, v in lp.top]} for lp in lps]}
+
+
+def _message(req: GenerateRequest, c: ChoiceOutput) -> tuple[dict, str | None]:
+    """The assistant message of a finished choice and its finish reason."""
+    text, reason = c.output_text, c.finish_reason
+    tools = req.tools
+    if tools is None or tools.choice == "none":
+        return {"role": "assistant", "content": text}, reason
+    if tools.choice == "named":
+        return {"role": "assistant", "content": None, "tool_calls": [tool_call(tools.name, text)]}, reason
+    if tools.choice == "required":
+        try:
+            calls = calls_from_required(text)
+        except (ValueError, KeyError, TypeError):  # cut short by max_tokens: not a complete call
+            return {"role": "assistant", "content": text}, reason
+        return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+    content, calls = extract_tool_calls(tools.parser, text)
+    if not calls:
+        return {"role": "assistant", "content": text}, reason
+    if not tools.parallel:
+        calls = calls[:1]
+    return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
 
 
 def _error_from_event(c: ChoiceOutput) -> APIError:
@@ -157,25 +252,37 @@ def _error_from_event(c: ChoiceOutput) -> APIError:
 
 
 async def _full(request, state, req, sub, choices, request_id, trace_id, arrival) -> web.Response:
-    async with aclosing(_events(request, state, sub, choices, arrival)) as events:
+    timing = _Timing(arrival, len(choices))
+    async with aclosing(_events(request, state, sub, choices, timing)) as events:
         async for c, _ in events:
             if c.error is not None:
                 return error_response(_error_from_event(c), state)
     created = int(time.time())
-    if req.kind == "completion":
-        out = [{"index": c.index, "text": c.output_text, "finish_reason": c.finish_reason,
-                "logprobs": _completion_logprobs(c.all_logprobs, 0) if req.logprobs else None} for c in choices]
-        obj = "text_completion"
-    else:
-        out = [{"index": c.index, "message": {"role": "assistant", "content": c.output_text},
-                "finish_reason": c.finish_reason,
-                "logprobs": _chat_logprobs(c.all_logprobs) if req.logprobs else None} for c in choices]
-        obj = "chat.completion"
-    usage = _usage(req, choices)
-    log.info("request.finished", usage=usage, seconds=round(time.monotonic() - arrival, 4),
-             finish_reasons=[c.finish_reason for c in choices])
-    return json_response({"id": request_id, "object": obj, "created": created, "model": state.model.name,
-                          "choices": out, "usage": usage}, headers={"X-Request-Id": trace_id})
+    prompt_lps = _prompt_logprobs_by_prompt(req, choices)
+    returned = _best(req, choices)
+    model = state.model
+    out = []
+    for c in returned:
+        p = c.index // req.n
+        if req.kind == "completion":
+            lps = None
+            if req.logprobs:
+                tokens = ([] if not req.echo else _echo_logprobs(model, req.prompts[p], prompt_lps[p]))
+                lps = _completion_logprobs(tokens + c.all_logprobs, 0)
+            choice = {"index": c.index, "text": c.output_text, "logprobs": lps, "finish_reason": c.finish_reason}
+            if req.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = _vllm_prompt_logprobs(model, req.prompts[p], prompt_lps[p])
+        else:
+            message, reason = _message(req, c)
+            choice = {"index": c.index, "message": message, "finish_reason": reason,
+                      "logprobs": _chat_logprobs(model, c.all_logprobs) if req.logprobs else None}
+        out.append(choice)
+    usage = _finish_request(request, state, req, returned, arrival)
+    resp = {"id": request_id, "object": "text_completion" if req.kind == "completion" else "chat.completion",
+            "created": created, "model": model.name, "choices": out, "usage": usage}
+    if req.kind == "chat" and req.prompt_logprobs is not None:
+        resp["prompt_logprobs"] = _vllm_prompt_logprobs(model, req.prompts[0], prompt_lps[0])
+    return json_response(resp, headers={"X-Request-Id": trace_id})
 
 
 async def _stream(request, state, req, sub, choices, request_id, trace_id, arrival) -> web.StreamResponse:
@@ -184,9 +291,13 @@ async def _stream(request, state, req, sub, choices, request_id, trace_id, arriv
     await resp.prepare(request)
     created = int(time.time())
     chat = req.kind == "chat"
+    model = state.model
+    # A reply that may hold tool calls is sent whole at its end (content or calls).
+    buffered = chat and req.tools is not None and req.tools.choice != "none"
     base = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": created, "model": state.model.name}
+            "created": created, "model": model.name}
     offsets = [0] * len(choices)
+    echoed = [False] * len(choices)
 
     async def send(data: dict | str) -> None:
         payload = data if isinstance(data, str) else dumps(data)
@@ -195,41 +306,59 @@ async def _stream(request, state, req, sub, choices, request_id, trace_id, arriv
         except ConnectionResetError as exc:
             raise ClientGone() from exc
 
-    def chunk(c: ChoiceOutput, d: Delta, first: bool = False) -> dict:
-        if chat:
+    def chunk(c: ChoiceOutput, d: Delta, first: bool = False) -> dict | None:
+        if chat and buffered and not first:
+            if d.finish_reason is None:
+                return None
+            message, reason = _message(req, c)
+            delta = {k: v for k, v in message.items() if k != "role" and v is not None}
+            for i, call in enumerate(delta.get("tool_calls", [])):
+                call["index"] = i
+            choice = {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": reason}
+        elif chat:
             delta = {"role": "assistant", "content": ""} if first else ({"content": d.text} if d.text else {})
-            lp = _chat_logprobs(d.logprobs) if req.logprobs and d.logprobs else None
+            lp = _chat_logprobs(model, d.logprobs) if req.logprobs and d.logprobs else None
             choice = {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}
         else:
-            lp = _completion_logprobs(d.logprobs, offsets[c.index]) if req.logprobs and d.logprobs else None
+            tokens = d.logprobs
+            if req.echo and not echoed[c.index]:
+                echoed[c.index] = True
+                if req.logprobs:
+                    p = c.index // req.n
+                    tokens = _echo_logprobs(model, req.prompts[p], choices[p * req.best_of].prompt_logprobs) + tokens
+            lp = _completion_logprobs(tokens, offsets[c.index]) if req.logprobs and tokens else None
+            offsets[c.index] += sum(len(x.text) for x in tokens)
             choice = {"index": c.index, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason}
-        offsets[c.index] += sum(len(x.text) for x in d.logprobs)
         out = {**base, "choices": [choice]}
         if req.include_usage:
             out["usage"] = None
         return out
 
+    timing = _Timing(arrival, len(choices))
     try:
         if chat:
             for c in choices:
                 await send(chunk(c, Delta(), first=True))
         failed = False
-        async with aclosing(_events(request, state, sub, choices, arrival)) as events:
+        async with aclosing(_events(request, state, sub, choices, timing)) as events:
             async for c, d in events:
                 if c.error is not None:
                     await send(_error_from_event(c).body())
                     failed = True
                     break
                 if d.text or d.finish_reason or d.logprobs:
-                    await send(chunk(c, d))
-        if req.include_usage and not failed:
-            await send({**base, "choices": [], "usage": _usage(req, choices)})
+                    data = chunk(c, d)
+                    if data is not None:
+                        await send(data)
+        if not failed:
+            usage = _finish_request(request, state, req, choices, arrival)
+            if req.include_usage:
+                await send({**base, "choices": [], "usage": usage})
         await send("[DONE]")
     except ClientGone:
-        log.info("request.client_gone", stream=True)
+        log.debug("request.client_gone", stream=True)
+        request[ACCESS]["client_gone"] = True
         return resp
-    log.info("request.finished", usage=_usage(req, choices), seconds=round(time.monotonic() - arrival, 4),
-             finish_reasons=[c.finish_reason for c in choices], stream=True)
     try:
         await resp.write_eof()
     except ConnectionResetError:

@@ -36,3 +36,6 @@ class SeqResult:
     token_id: int
     logprob: float
     top_logprobs: list[tuple[int, float]] | None = None
+    # With the job's first token, when prompt_logprobs was asked for: per
+    # prompt position from 1, (logprob, rank, [(token id, logprob) of the top k]).
+    prompt_logprobs: list[tuple[float, int, list[tuple[int, float]]]] | None = None

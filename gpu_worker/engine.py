@@ -14,7 +14,8 @@ from fastserve.common.model_config import ModelConfig
 from fastserve.gpu_worker.kv_cache import CopyHandle, KVCache
 from fastserve.gpu_worker.loader import load_weights, torch_dtype
 from fastserve.gpu_worker.model import FreshPrefills, LlamaModel, PrefillSpan, StepInputs
-from fastserve.gpu_worker.sampling import sample
+from fastserve.gpu_worker.job_state import JobStates, needs_state
+from fastserve.gpu_worker.sampling import SampleRow, Sampler
 
 # Default device KV pool on the CPU when none is given: this many full-length
 # sequences, capped by _CPU_KV_BYTES.
@@ -57,6 +58,9 @@ class Engine:
         self.bytes_per_block = self.kv.bytes_per_block
         # Unseeded requests draw from this; seeded ones never touch it (sampling.py).
         self.generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+        self.sampler = Sampler(cfg.vocab_size, cfg.eos_token_ids, self.device)
+        self.states = JobStates()
+        self._grammars = None
         self.last_step_seconds = 0.0
 
     def _default_num_blocks(self) -> int:
@@ -105,11 +109,14 @@ class Engine:
         if bad_tok:
             raise ValueError(f"job {w.job_id}: token ids {bad_tok[:5]} outside the vocabulary [0, {cfg.vocab_size})")
 
-    def _prepare(self, work: list[SeqWork], all_logits: bool) -> tuple[StepInputs, list[int]]:
-        """Pack decode jobs first, then prefills. Returns inputs and the order."""
+    def _prepare(self, work: list[SeqWork], all_logits: bool,
+                 every_row: frozenset[int] = frozenset()) -> tuple[StepInputs, list[int]]:
+        """Pack decode jobs first, then prefills. Returns inputs and the order.
+        Logit rows: the last token of each sample=True job, then every token
+        of the jobs in `every_row` (indices into work), both in packing order."""
         bs, dev = self.block_size, self.device
         order = sorted(range(len(work)), key=lambda i: len(work[i].token_ids) != 1)
-        tokens, positions, slots, logit_rows = [], [], [], []
+        tokens, positions, slots, logit_rows, extra_rows = [], [], [], [], []
         decode_tables, decode_lens, prefills = [], [], []
         for i in order:
             w = work[i]
@@ -121,6 +128,8 @@ class Engine:
             slots.extend(w.block_table[p // bs] * bs + p % bs for p in pos)
             if w.sample:
                 logit_rows.append(start + n - 1)
+            if i in every_row:
+                extra_rows.extend(range(start, start + n))
             nblocks = -(-w.num_tokens // bs)
             if n == 1:
                 decode_tables.append(w.block_table[:nblocks])
@@ -151,7 +160,7 @@ class Engine:
             decode_blocks=decode_blocks, decode_mask=decode_mask,
             prefills=prefills,
             fresh=fresh,
-            logit_rows=None if all_logits else torch.tensor(logit_rows, device=dev, dtype=torch.long),
+            logit_rows=None if all_logits else torch.tensor(logit_rows + extra_rows, device=dev, dtype=torch.long),
         )
         return inp, order
 
@@ -177,23 +186,45 @@ class Engine:
         """Run the model without sampling; float32 logits of the last token of
         each sample=True job, in `work` order (all_logits: of every token, in
         `work` order, concatenated)."""
+        if not all_logits:
+            return self._forward(work)[0]
         for w in work:
             self.validate(w)
-        inp, order = self._prepare(work, all_logits)
+        inp, order = self._prepare(work, True)
         self.kv.order_compute_after_copies()
         logits = self.model.forward(inp, self.kv.gpu)
         # Undo the decode-first packing.
-        if all_logits:
-            starts, pos = {}, 0
-            for i in order:
-                starts[i] = pos
-                pos += len(work[i].token_ids)
-            rows = [r for i in range(len(work)) for r in range(starts[i], starts[i] + len(work[i].token_ids))]
-        else:
-            sampled = [i for i in order if work[i].sample]
-            where = {i: r for r, i in enumerate(sampled)}
-            rows = [where[i] for i in range(len(work)) if work[i].sample]
+        starts, pos = {}, 0
+        for i in order:
+            starts[i] = pos
+            pos += len(work[i].token_ids)
+        rows = [r for i in range(len(work)) for r in range(starts[i], starts[i] + len(work[i].token_ids))]
         return logits[torch.tensor(rows, device=logits.device, dtype=torch.long)]
+
+    def _forward(self, work: list[SeqWork], every_row: frozenset[int] = frozenset()):
+        """(logits of the sample=True jobs' last tokens in `work` order,
+        {index in work: logits of every token of that job} for `every_row`)."""
+        for w in work:
+            self.validate(w)
+        inp, order = self._prepare(work, False, every_row)
+        self.kv.order_compute_after_copies()
+        logits = self.model.forward(inp, self.kv.gpu)
+        sampled = [i for i in order if work[i].sample]
+        where = {i: r for r, i in enumerate(sampled)}
+        rows = [where[i] for i in range(len(work)) if work[i].sample]
+        full, offset = {}, len(sampled)
+        for i in order:
+            if i in every_row:
+                n = len(work[i].token_ids)
+                full[i] = logits[offset:offset + n]
+                offset += n
+        return logits[torch.tensor(rows, device=logits.device, dtype=torch.long)], full
+
+    def release(self, job_ids) -> None:
+        """Forget the per-job sampling state (penalty counts, grammar
+        matcher) of finished or cancelled jobs. Safe to call from another
+        thread than the one running step(); takes effect at the next step."""
+        self.states.release(job_ids)
 
     @torch.inference_mode()
     def step(self, work: list[SeqWork]) -> list[SeqResult]:
@@ -205,15 +236,81 @@ class Engine:
         ids = [w.job_id for w in work]
         if len(set(ids)) != len(ids):
             raise ValueError("a job appears twice in one step")
-        logits = self.forward(work)
-        sampled = [w for w in work if w.sample]
+        for st in self.states.take_released():
+            self.sampler.release(st)
+        rows, want_prompt = self._track(work)
+        constrained = [i for i, r in enumerate(rows) if r.state is not None and r.state.matcher is not None]
+        masks = self.grammars.start([rows[i].state for i in constrained]) if constrained else None
+        logits, full = self._forward(work, want_prompt)
+        for i, lg in full.items():
+            self._prompt_logprobs(work[i], lg)
         results = []
-        if sampled:
-            token_ids, logprobs, tops = sample(logits, [w.sampling for w in sampled],
-                                               [w.num_generated for w in sampled], self.generator)
-            results = [SeqResult(w.job_id, t, lp, top) for w, t, lp, top in zip(sampled, token_ids, logprobs, tops)]
+        if rows:
+            grammar_mask = (constrained, masks.result()) if masks is not None else None
+            token_ids, logprobs, tops = self.sampler.sample(logits, rows, self.generator, grammar_mask)
+            sampled = [w for w in work if w.sample]
+            for w, r, t, lp, top in zip(sampled, rows, token_ids, logprobs, tops):
+                prompt_lps = None
+                st = r.state
+                if st is not None and st.params.prompt_logprobs is not None and not st.prompt_logprobs_sent:
+                    prompt_lps, st.prompt_logprobs, st.prompt_logprobs_sent = st.prompt_logprobs, [], True
+                results.append(SeqResult(w.job_id, t, lp, top, prompt_lps))
         self.last_step_seconds = time.perf_counter() - t0
         return results
+
+    def _track(self, work: list[SeqWork]) -> tuple[list[SampleRow], frozenset[int]]:
+        """Feed the job states; the sample rows of the sample=True entries
+        and the entries whose every logit row is needed (prompt logprobs)."""
+        rows, want_prompt = [], set()
+        for i, w in enumerate(work):
+            st = self.states.get(w.job_id)
+            if st is None and needs_state(w.sampling):
+                st = self.states.get_or_create(w.job_id, w.sampling)
+            if st is not None:
+                st.feed(w.num_computed, w.token_ids)
+                if st.params.prompt_logprobs is not None and w.num_generated == 0 and not st.prompt_logprobs_sent:
+                    want_prompt.add(i)
+                if w.sample and st.prompt_len is None:
+                    st.prompt_len = w.num_tokens - w.num_generated
+                    if st.params.grammar is not None:
+                        st.matcher = self.grammars.matcher(st.params.grammar)
+            if w.sample:
+                rows.append(SampleRow(w.sampling, w.num_generated, st))
+        return rows, frozenset(want_prompt)
+
+    def _prompt_logprobs(self, w: SeqWork, logits: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens this chunk's rows predict. Row j
+        predicts token j + 1; the last row of a chunk that is not the
+        prompt's last predicts the next chunk's first token, kept until then."""
+        st = self.states.get(w.job_id)
+        if w.num_computed == 0:  # the prompt from its start (again, after its KV was dropped)
+            st.prompt_logprobs, st.pending_row = [], None
+        k = st.params.prompt_logprobs
+        logp = logits.log_softmax(dim=-1)  # (n, V)
+        preds, targets = logp[:-1], list(w.token_ids[1:])
+        if st.pending_row is not None:
+            preds, targets = torch.cat([st.pending_row[None], preds]), [w.token_ids[0], *targets]
+        st.pending_row = None if w.sample else logp[-1]
+        if not targets:
+            return
+        chosen = preds.gather(1, torch.tensor(targets, device=logp.device)[:, None])
+        ranks = ((preds > chosen).sum(dim=-1) + 1).tolist()
+        if k:
+            top = preds.topk(min(k, preds.shape[-1]), dim=-1)
+            tops = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+        else:
+            tops = [[] for _ in targets]
+        st.prompt_logprobs.extend(zip(chosen.squeeze(1).tolist(), ranks, tops))
+
+    @property
+    def grammars(self):
+        if self._grammars is None:
+            from fastserve.gpu_worker.grammar import Grammars
+
+            cfg = self.model_config
+            self._grammars = Grammars(self.tokenizer.to_str(), cfg.vocab_size, cfg.eos_token_ids,
+                                      overlap=self.device.type == "cuda")
+        return self._grammars
 
     def check_prompt(self, prompt_token_ids: list[int], max_tokens: int = 1) -> None:
         """Raise ValueError when a prompt cannot be served (empty, too long)."""

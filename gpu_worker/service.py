@@ -35,7 +35,8 @@ from fastserve.common.bus import Bus
 from fastserve.common.lifecycle import ServiceTasks, send_heartbeats
 from fastserve.common.outbox import Outbox
 from fastserve.common.schemas import (
-    BatchCommand, BatchResult, KVCopy, KVCopyDone, PoolSpec, SampledToken, TopLogprob, WorkerInfo, decode,
+    BatchCommand, BatchResult, KVCopy, KVCopyDone, PoolSpec, PromptLogprob, SampledToken, TopLogprob, WorkerInfo,
+    decode,
 )
 
 log = structlog.get_logger("fastserve.worker")
@@ -165,6 +166,7 @@ class WorkerService:
             self._tasks.spawn(self._copy(msg), f"copy-{msg.move_id}")
 
     def _forget(self, job_ids) -> None:
+        self.engine.release(job_ids)
         for job_id in job_ids:
             seq = self.seqs.pop(job_id, None)
             if seq is not None:
@@ -180,7 +182,7 @@ class WorkerService:
             if (cmd.scheduler_id, cmd.epoch) != epoch:
                 if self.seqs:
                     log.warning("scheduler started over: forgetting every job", epoch=cmd.epoch, jobs=len(self.seqs))
-                self.seqs.clear()
+                self._forget(list(self.seqs))
                 epoch = (cmd.scheduler_id, cmd.epoch)
                 # Copies of the old epoch may still write GPU blocks the
                 # scheduler now hands out again: let them finish first.
@@ -243,10 +245,12 @@ class WorkerService:
             seq.tokens.append(r.token_id)
             seq.num_generated += 1
             top = [TopLogprob(int(t), float(v)) for t, v in r.top_logprobs] if r.top_logprobs else None
-            out.append(SampledToken(r.job_id, int(r.token_id), float(r.logprob), top))
+            prompt_lps = [PromptLogprob(float(lp), int(rank), [TopLogprob(int(t), float(v)) for t, v in alts])
+                          for lp, rank, alts in r.prompt_logprobs] if r.prompt_logprobs is not None else None
+            out.append(SampledToken(r.job_id, int(r.token_id), float(r.logprob), top, prompt_logprobs=prompt_lps))
         for job_id, error in errors.items():
             log.warning("job failed in the worker", job_id=job_id, error=error)
-            self.seqs.pop(job_id, None)
+            self._forget([job_id])
             out.append(SampledToken(job_id, error=error))
         self.stats["steps"] += 1
         self.stats["step_seconds"] += seconds

@@ -79,3 +79,17 @@ def test_logger_name_tells_services_apart_in_one_process():
     assert (a["service"], a["logger"]) == ("fastserve", "fastserve.scheduler")
     assert b["logger"] == "fastserve.worker"
     assert "logger" not in c
+
+
+def test_readable_lines_on_a_terminal():
+    class Tty(io.BytesIO):
+        def isatty(self):
+            return True
+
+    buf = Tty()
+    setup_logging("gateway", "INFO", stream=buf)
+    get_logger("t").info("request", path="/v1/models", status=200)
+    logging.getLogger("aiohttp.server").warning("from the stdlib")
+    text = buf.getvalue().decode()
+    assert "request" in text and "path" in text and "/v1/models" in text and "from the stdlib" in text
+    assert not text.lstrip().startswith("{")  # not JSON

@@ -19,7 +19,7 @@ def test_names_and_values():
     m.observe_first_token(0.05)
     m.observe_inter_token(0.01)
     m.observe_queue_time(0.002)
-    m.observe_finished(0.5, "length", prompt_tokens=7, generated_tokens=4)
+    m.observe_request(0.5, "length", prompt_tokens=7, generated_tokens=4)
     m.observe_error(400)
     m.observe_scheduler_stats(SchedulerStats("s1", 1.0, queue_lengths=[2, 0, 1], num_running=2, num_waiting=3,
                                              num_swapped=1, gpu_kv_usage=0.75, cpu_kv_usage=0.25, num_preemptions=5))

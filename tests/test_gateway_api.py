@@ -257,3 +257,45 @@ async def test_gateway_sends_heartbeats(memory_bus, tiny_model_dir):
     async with gateway(memory_bus, tiny_model_dir, instance_id="gw-test") as (client, _):
         hb = await asyncio.wait_for(got.get(), 5)
     assert hb.service == "gateway" and hb.instance_id == "gw-test" and hb.info["model"] == "tiny"
+
+
+async def test_vllm_params_reach_the_backend(memory_bus, tiny_model_dir, tok):
+    async with gateway(memory_bus, tiny_model_dir, echo=EchoScheduler(memory_bus)) as (client, echo):
+        ids = tok.encode("one two three four five six").ids
+        resp = await client.post("/v1/completions", json={
+            "model": "tiny", "prompt": ids, "max_tokens": 3, "truncate_prompt_tokens": 4, "min_tokens": 2,
+            "presence_penalty": 0.5, "frequency_penalty": -0.5, "repetition_penalty": 1.2, "min_p": 0.1,
+            "logit_bias": {"7": 150, "9": -3}, "allowed_token_ids": [7, 9, 11], "bad_words": ["two"],
+            "seed": -2, "top_k": 0})
+        assert resp.status == 200, await resp.text()
+        chat = await client.post("/v1/chat/completions", json={
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure"}],
+            "chat_template": "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}",
+            "continue_final_message": True, "max_tokens": 1})
+        assert chat.status == 200, await chat.text()
+    job, chat_job = echo.submitted
+    assert job.prompt_token_ids == ids[-4:]
+    s = job.sampling
+    assert (s.min_tokens, s.presence_penalty, s.frequency_penalty, s.repetition_penalty, s.min_p) == (
+        2, 0.5, -0.5, 1.2, 0.1)
+    assert s.logit_bias == ((7, 100.0), (9, -3.0))  # clamped to [-100, 100] like vLLM
+    assert s.allowed_token_ids == (7, 9, 11) and s.seed == 2**64 - 2 and s.top_k == -1
+    assert (tuple(tok.encode("two").ids), tuple(tok.encode(" two").ids)) == s.bad_words
+    assert tok.decode(chat_job.prompt_token_ids) == "<user>hi</user><assistant>Sure"
+
+
+async def test_chat_logprob_bytes_are_the_tokens_own(memory_bus, tiny_model_dir, tok):
+    """A token holding part of a UTF-8 character: its bytes, not U+FFFD's."""
+    from fastserve.common.tokenizer import apply_chat_template
+
+    messages = [{"role": "user", "content": "東京"}]
+    ids = tok.encode(apply_chat_template(tiny_model_dir, messages), add_special_tokens=False).ids
+    async with gateway(memory_bus, tiny_model_dir, echo=EchoScheduler(memory_bus)) as (client, _):
+        body = await (await client.post("/v1/chat/completions", json={
+            "model": "tiny", "messages": messages, "max_tokens": len(ids), "logprobs": True,
+            "skip_special_tokens": False})).json()
+    content = body["choices"][0]["logprobs"]["content"]
+    raw = b"".join(bytes(c["bytes"]) for c in content)
+    assert raw.decode() == tok.decode(ids, skip_special_tokens=False)
+    partial = [c for c in content if c["token"] == "\ufffd" or "\ufffd" in c["token"]]
+    assert partial and all(bytes(c["bytes"]) != "\ufffd".encode() for c in partial)

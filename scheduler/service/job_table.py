@@ -9,7 +9,9 @@ import time
 from dataclasses import dataclass, field
 
 from fastserve.common.sampling_params import SamplingParams
-from fastserve.common.schemas import BatchCommand, JobSubmit, NewJob, RunEntry, TokenEvent, TopLogprob, WorkerInfo
+from fastserve.common.schemas import (
+    BatchCommand, JobSubmit, NewJob, PromptLogprob, RunEntry, TokenEvent, TopLogprob, WorkerInfo,
+)
 from fastserve.scheduler.core.types import JobSpec
 
 
@@ -51,7 +53,8 @@ class Job:
         return reason
 
     def event(self, token_ids: list[int], *, logprob: float | None = None, top: list[TopLogprob] | None = None,
-              finish_reason: str | None = None, error: str | None = None) -> TokenEvent:
+              finish_reason: str | None = None, error: str | None = None,
+              prompt_logprobs: list[PromptLogprob] | None = None) -> TokenEvent:
         want = self.sampling.logprobs
         first = token_ids and len(self.generated) == len(token_ids)
         queue_time = None
@@ -63,7 +66,7 @@ class Job:
             logprobs=[logprob] * len(token_ids) if want is not None and logprob is not None else None,
             top_logprobs=[top] if want and top else None,
             finish_reason=finish_reason, error=error, num_prompt_tokens=len(self.prompt) - self.num_generated_before,
-            num_generated=self.num_generated, queue_time=queue_time)
+            num_generated=self.num_generated, queue_time=queue_time, prompt_logprobs=prompt_logprobs)
 
 
 class JobTable:

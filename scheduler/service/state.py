@@ -37,7 +37,7 @@ class ServiceState:
         if msg.job_id in self._recent_cancels or msg.job_id in self.jobs:
             return  # cancelled before it arrived, or a redelivery: idempotent
         job, error = self.jobs.admit(msg, now)
-        log.info("job received", job_id=msg.job_id, trace_id=msg.trace_id,
+        log.debug("job received", job_id=msg.job_id, trace_id=msg.trace_id,
                  prompt_tokens=len(msg.prompt_token_ids), continued=msg.num_generated, error=error)
         if error is not None:
             self._emit(msg.reply_to, TokenEvent(job_id=msg.job_id, token_ids=[], error=error,
@@ -60,7 +60,7 @@ class ServiceState:
         job = self.jobs.get(job_id)
         if job is None:
             return
-        log.info("job cancelled", job_id=job_id, trace_id=job.trace_id, reason=reason)
+        log.debug("job cancelled", job_id=job_id, trace_id=job.trace_id, reason=reason)
         # The core keeps blocks that an outstanding iteration or copy still uses until they settle.
         self.core.cancel(job_id)
         self.jobs.forget(job_id)
@@ -120,10 +120,10 @@ class ServiceState:
                 continue
             reason = job.append(r.token_id)
             self._emit(job.reply_to, job.event([r.token_id], logprob=r.logprob, top=r.top_logprobs,
-                                               finish_reason=reason))
+                                               finish_reason=reason, prompt_logprobs=r.prompt_logprobs))
             if reason is not None:
                 finished.append(job.job_id)
-                log.info("job finished", job_id=job.job_id, trace_id=job.trace_id, reason=reason,
+                log.debug("job finished", job_id=job.job_id, trace_id=job.trace_id, reason=reason,
                          generated=len(job.generated))
         self.core.update(IterationResult(decision.iteration, result.step_seconds, finished), now)
         for job_id in finished:

@@ -20,8 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import structlog
+
 from fastserve.common import settings as S
 from fastserve.common.config import ConfigError, add_config_args, config_from_args
+
+log = structlog.get_logger("fastserve.launcher")
 
 @dataclass
 class NodeConfig:
@@ -190,11 +194,25 @@ class Stack:
         return f"http://{self.cfg.host}:{self.port}"
 
     async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-        for svc in (self.scheduler, self.worker, self.kvstore):
-            if svc is not None:
-                await svc.stop()
+        """Stop every service even if stopping another fails or is cut
+        short; the KV store last, and its shared-memory pool file is removed
+        whatever happened before (a pool left in /dev/shm holds RAM)."""
+        try:
+            if self.runner is not None:
+                await self.runner.cleanup()
+            for svc in (self.scheduler, self.worker):
+                if svc is not None:
+                    try:
+                        await svc.stop()
+                    except Exception:  # noqa: BLE001 - the next ones must still stop
+                        log.exception("service stop failed", service=type(svc).__name__)
+        finally:
+            if self.kvstore is not None:
+                try:
+                    await self.kvstore.stop()
+                finally:
+                    if self.kvstore.pool is not None:
+                        self.kvstore.pool.close()
 
 
 # ---------------------------------------------------------------------- commands
@@ -257,5 +275,7 @@ async def _serve(cfg: NodeConfig, services: tuple[str, ...]) -> int:
         try:
             await asyncio.wait_for(stack.stop(), 10)
         finally:
+            if stack.kvstore is not None and stack.kvstore.pool is not None:
+                stack.kvstore.pool.close()  # also when stopping timed out
             await bus.close()
     return 0

@@ -29,6 +29,8 @@ class GenerationOutput:
     text: str = ""
     finish_reason: str | None = None
     logprobs: list[float] = field(default_factory=list)
+    # (logprob, rank, top) of prompt tokens 1.. when SamplingParams.prompt_logprobs is set
+    prompt_logprobs: list | None = None
 
 
 class LLM:
@@ -91,6 +93,8 @@ class LLM:
                 out, sp = outs[int(r.job_id)], plist[int(r.job_id)]
                 out.token_ids.append(r.token_id)
                 out.logprobs.append(r.logprob)
+                if r.prompt_logprobs is not None:
+                    out.prompt_logprobs = r.prompt_logprobs
                 reason = sp.finish_reason(r.token_id, len(out.token_ids), eos)
                 if reason is None and len(out.prompt_token_ids) + len(out.token_ids) >= max_len:
                     reason = "length"
@@ -98,6 +102,7 @@ class LLM:
                     out.finish_reason = reason
                     finished.append(r.job_id)
             core.update(IterationResult(d.iteration, elapsed, finished), now)
+            eng.release(finished)
             if bar is not None:
                 bar.update(len(finished))
         if bar is not None:

@@ -1,0 +1,241 @@
+"""The OpenAPI 3.1 document served at /openapi.json: every route of the
+gateway (gateway/app.py), the request parameters it honours (anything else
+is a 400, see gateway/protocol.py) and the shapes of its answers, so that
+schema-driven tools (schemathesis, client generators) can use and check it."""
+from __future__ import annotations
+
+from typing import Any
+
+_NUM = {"type": "number"}
+_INT = {"type": "integer"}
+_BOOL = {"type": "boolean"}
+_STR = {"type": "string"}
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+
+
+def _nullable(schema: dict) -> dict:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+_SAMPLING: dict[str, tuple[dict, str]] = {
+    "n": ({**_INT, "minimum": 1}, "choices per prompt"),
+    "best_of": ({**_INT, "minimum": 1}, "jobs per prompt; the n with the highest cumulative logprob are returned"),
+    "max_tokens": ({**_INT, "minimum": 0}, "tokens to generate (0 only with echo); default: 16 (completions), "
+                                           "the rest of the context (chat)"),
+    "min_tokens": ({**_INT, "minimum": 0}, "EOS and stop_token_ids are banned until this many tokens exist"),
+    "temperature": ({**_NUM, "minimum": 0, "maximum": 2}, "below 1e-5: greedy"),
+    "top_p": ({**_NUM, "exclusiveMinimum": 0, "maximum": 1}, ""),
+    "top_k": ({**_INT, "minimum": -1}, "-1 or 0: off"),
+    "min_p": ({**_NUM, "minimum": 0, "maximum": 1}, "relative to the most likely token"),
+    "seed": ({**_INT, "minimum": -(2**63), "maximum": 2**64 - 1}, "64-bit; choice j uses seed + j"),
+    "stop": ({"anyOf": [_STR, {"type": "array", "items": _STR, "maxItems": 16}]}, "stop strings"),
+    "stop_token_ids": (_IDS, ""),
+    "ignore_eos": (_BOOL, ""),
+    "presence_penalty": ({**_NUM, "minimum": -2, "maximum": 2}, ""),
+    "frequency_penalty": ({**_NUM, "minimum": -2, "maximum": 2}, ""),
+    "repetition_penalty": ({**_NUM, "exclusiveMinimum": 0}, ""),
+    "logit_bias": ({"type": "object", "additionalProperties": {**_NUM, "minimum": -100, "maximum": 100}},
+                   "token id (as a string) -> bias added to its logit"),
+    "allowed_token_ids": (_IDS, "only these tokens may be sampled"),
+    "bad_words": ({"type": "array", "items": {**_STR, "minLength": 1}}, "words never completed"),
+    "prompt_logprobs": ({**_INT, "minimum": 0}, "logprobs of the prompt tokens and their top k (not when streaming)"),
+    "echo": (_BOOL, "completions: the prompt before the output; chat: the last assistant message before the reply"),
+    "skip_special_tokens": (_BOOL, ""),
+    "spaces_between_special_tokens": ({"const": True}, ""),
+    "include_stop_str_in_output": (_BOOL, ""),
+    "stream": (_BOOL, "server-sent events"),
+    "stream_options": ({"type": "object", "properties": {"include_usage": _BOOL}, "additionalProperties": False},
+                       "only with stream"),
+    "user": (_STR, "a label for the logs"),
+    "response_format": ({"type": "object", "properties": {
+        "type": {"enum": ["text", "json_object", "json_schema"]},
+        "json_schema": {"type": "object", "properties": {"name": _STR, "schema": {"type": "object"},
+                                                         "strict": _BOOL}}},
+        "required": ["type"]}, "structured output"),
+    "guided_json": ({"anyOf": [{"type": "object"}, _STR]}, "a JSON schema the output must match"),
+    "guided_regex": (_STR, ""),
+    "guided_choice": ({"type": "array", "items": _STR, "minItems": 1}, ""),
+    "guided_grammar": (_STR, "Lark or GBNF"),
+    "guided_whitespace_pattern": (_STR, ""),
+    "guided_decoding_backend": ({"enum": ["auto", "guidance", "llguidance"]}, ""),
+    "structured_outputs": ({"type": "object", "properties": {
+        "json": {"anyOf": [{"type": "object"}, _STR]}, "regex": _STR, "choice": {"type": "array", "items": _STR},
+        "grammar": _STR, "json_object": _BOOL, "disable_any_whitespace": _BOOL,
+        "disable_additional_properties": _BOOL, "whitespace_pattern": _STR}, "additionalProperties": False},
+        "vLLM's structured outputs"),
+    "truncate_prompt_tokens": ({**_INT, "minimum": -1}, "keep the last k prompt tokens (-1: the context length)"),
+    "add_special_tokens": (_BOOL, ""),
+    "request_id": (_STR, "used in the response id"),
+    "use_beam_search": ({"const": False}, "beam search is not supported"),
+    "length_penalty": ({"const": 1}, "beam search only"),
+    "priority": ({"const": 0}, "priority scheduling is not supported"),
+}
+
+_MESSAGE = {"type": "object", "required": ["role"], "additionalProperties": False, "properties": {
+    "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
+    "content": {"anyOf": [_STR, {"type": "null"}, {"type": "array", "items": {
+        "type": "object", "required": ["type", "text"], "properties": {"type": {"const": "text"}, "text": _STR}}}]},
+    "name": _STR, "tool_call_id": _STR, "tool_calls": {"type": "array", "items": {
+        "type": "object", "required": ["function"], "properties": {
+            "id": _STR, "type": {"const": "function"}, "function": {
+                "type": "object", "required": ["name"], "properties": {
+                    "name": _STR, "arguments": {"anyOf": [{"type": "object"}, {**_STR, "contentMediaType":
+                                                                                 "application/json"}]}}}}}}}}
+
+_TOOL = {"type": "object", "required": ["function"], "properties": {
+    "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name"], "properties": {
+        "name": {**_STR, "minLength": 1}, "description": _STR, "parameters": {"type": "object"}}}}}
+
+_CHAT_ONLY: dict[str, tuple[dict, str]] = {
+    "max_completion_tokens": ({**_INT, "minimum": 1}, "same as max_tokens"),
+    "logprobs": (_BOOL, "logprobs of the output tokens"),
+    "top_logprobs": ({**_INT, "minimum": 0}, "alternatives per token (with logprobs)"),
+    "tools": ({"type": "array", "items": _TOOL, "minItems": 1}, "functions the model may call"),
+    "tool_choice": ({"anyOf": [{"enum": ["none", "auto", "required"]}, {
+        "type": "object", "required": ["function"], "properties": {
+            "type": {"const": "function"}, "function": {"type": "object", "required": ["name"],
+                                                        "properties": {"name": _STR}}}}]}, ""),
+    "parallel_tool_calls": (_BOOL, ""),
+    "chat_template": (_STR, "a Jinja chat template instead of the model's"),
+    "chat_template_kwargs": ({"type": "object"}, "extra template variables"),
+    "continue_final_message": (_BOOL, "continue the last (assistant) message"),
+    "add_generation_prompt": (_BOOL, ""),
+    "documents": ({"type": "array", "items": {"type": "object"}}, "for templates that render documents"),
+}
+
+
+def _props(table: dict[str, tuple[dict, str]]) -> dict:
+    return {k: ({**schema, "description": desc} if desc else schema) for k, (schema, desc) in table.items()}
+
+
+_USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"], "properties": {
+    "prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT}}
+_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"], "properties": {
+        "message": _STR, "type": _STR, "param": _nullable(_STR), "code": _nullable(_STR)}}}}
+_MODEL = {"type": "object", "required": ["id", "object", "created", "owned_by", "max_model_len"], "properties": {
+    "id": _STR, "object": {"const": "model"}, "created": _INT, "owned_by": _STR, "root": _STR,
+    "parent": {"type": "null"}, "max_model_len": _INT}}
+_FINISH = _nullable({"enum": ["stop", "length", "tool_calls"]})
+_COMPLETION_RESPONSE = {"type": "object", "required": ["id", "object", "created", "model", "choices"], "properties": {
+    "id": _STR, "object": {"const": "text_completion"}, "created": _INT, "model": _STR, "usage": _nullable(_USAGE),
+    "choices": {"type": "array", "items": {"type": "object", "required": ["index", "text", "finish_reason"],
+                                           "properties": {"index": _INT, "text": _STR, "finish_reason": _FINISH,
+                                                          "logprobs": _nullable({"type": "object"}),
+                                                          "prompt_logprobs": _nullable({"type": "array"})}}}}}
+_CHAT_MESSAGE = {"type": "object", "required": ["role"], "additionalProperties": False, "properties": {
+    "role": {"const": "assistant"}, "content": _nullable(_STR), "tool_calls": {"type": "array", "items": {
+        "type": "object", "required": ["id", "type", "function"], "properties": {
+            "id": _STR, "type": {"const": "function"}, "function": {
+                "type": "object", "required": ["name", "arguments"],
+                "properties": {"name": _STR, "arguments": _STR}}}}}}}
+_CHAT_RESPONSE = {"type": "object", "required": ["id", "object", "created", "model", "choices"], "properties": {
+    "id": _STR, "object": {"const": "chat.completion"}, "created": _INT, "model": _STR, "usage": _nullable(_USAGE),
+    "prompt_logprobs": _nullable({"type": "array"}),
+    "choices": {"type": "array", "items": {"type": "object", "required": ["index", "message", "finish_reason"],
+                                           "properties": {"index": _INT, "message": _CHAT_MESSAGE,
+                                                          "finish_reason": _FINISH,
+                                                          "logprobs": _nullable({"type": "object"})}}}}}
+_HEALTH = {"type": "object", "required": ["status"], "properties": {
+    "status": {"enum": ["ok", "unavailable"]}, "gateway": _STR, "pending_requests": _INT,
+    "scheduler": {"type": "array", "items": _STR}, "worker": {"type": "array", "items": _STR},
+    "kvstore": {"type": "array", "items": _STR}}}
+
+
+def _json(schema: dict, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict:
+    text = {400: "invalid request (the parameter is named)", 401: "missing or wrong API key",
+            404: "unknown model", 429: "too many requests in flight", 500: "the backend failed",
+            503: "no backend or a full queue"}
+    return {str(c): _json({"$ref": "#/components/schemas/Error"}, text[c]) for c in codes}
+
+
+def openapi_document(model_name: str, vocab_size: int) -> dict[str, Any]:
+    """Cross-field limits (prompt + max_tokens within the context, min_tokens
+    <= max_tokens, best_of >= n, ...) are beyond JSON Schema: they are 400s."""
+    model_param = {"type": "string", "description": f"this server serves {model_name!r}"}
+    token_ids = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": vocab_size - 1}}
+    completion_req = {"type": "object", "required": ["model", "prompt"], "additionalProperties": False,
+                      "properties": {"model": model_param, "prompt": {"anyOf": [
+                          _STR, {"type": "array", "items": _STR, "minItems": 1}, {**_IDS, "minItems": 1},
+                          {"type": "array", "items": {**_IDS, "minItems": 1}, "minItems": 1}]},
+                          "suffix": {"anyOf": [{"const": ""}, {"type": "null"}], "description": "not supported"},
+                          "logprobs": {**_INT, "minimum": 0, "description": "top logprobs per output token"},
+                          **_props(_SAMPLING)}}
+    chat_req = {"type": "object", "required": ["model", "messages"], "additionalProperties": False,
+                "properties": {"model": model_param,
+                               "messages": {"type": "array", "items": _MESSAGE, "minItems": 1},
+                               **_props({k: v for k, v in _SAMPLING.items() if k != "echo"}),
+                               "echo": (_BOOL | {"description": _SAMPLING["echo"][1]}),
+                               **_props(_CHAT_ONLY)}}
+    generate_errors = _errors(400, 401, 404, 429, 500, 503)
+    stream_ok = {"text/event-stream": {"schema": _STR}}
+    security = [{"bearer": []}]
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "fastserve", "version": "1",
+                 "description": "OpenAI-compatible API (vLLM's extensions included). Parameters not listed are "
+                                "refused with 400."},
+        "components": {
+            "schemas": {"Error": _ERROR, "Model": _MODEL},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "only when the server was started with API keys"}},
+        },
+        "paths": {
+            "/v1/completions": {"post": {
+                "summary": "Text completion", "security": security,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": completion_req}}},
+                "responses": {"200": {"description": "the completion (SSE chunks when stream is true)", "content": {
+                    "application/json": {"schema": _COMPLETION_RESPONSE}, **stream_ok}}, **generate_errors}}},
+            "/v1/chat/completions": {"post": {
+                "summary": "Chat completion", "security": security,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": chat_req}}},
+                "responses": {"200": {"description": "the reply (SSE chunks when stream is true)", "content": {
+                    "application/json": {"schema": _CHAT_RESPONSE}, **stream_ok}}, **generate_errors}}},
+            "/v1/models": {"get": {
+                "summary": "The served model", "security": security,
+                "responses": {"200": _json({"type": "object", "required": ["object", "data"], "properties": {
+                    "object": {"const": "list"}, "data": {"type": "array", "items": {
+                        "$ref": "#/components/schemas/Model"}}}}, "models"), **_errors(401)}}},
+            "/v1/models/{model_id}": {"get": {
+                "summary": "One model", "security": security,
+                "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": _STR}],
+                "responses": {"200": _json({"$ref": "#/components/schemas/Model"}, "the model"),
+                              **_errors(401, 404)}}},
+            "/health": {"get": {"summary": "Liveness of the backend", "responses": {
+                "200": _json(_HEALTH, "scheduler and worker alive"), "503": _json(_HEALTH, "no backend")}}},
+            "/ping": {
+                "get": {"summary": "Same as /health (vLLM)", "responses": {
+                    "200": _json(_HEALTH, "alive"), "503": _json(_HEALTH, "no backend")}},
+                "post": {"summary": "Same as /health (vLLM)", "responses": {
+                    "200": _json(_HEALTH, "alive"), "503": _json(_HEALTH, "no backend")}}},
+            "/version": {"get": {"summary": "The server's version", "responses": {
+                "200": _json({"type": "object", "required": ["version"], "properties": {"version": _STR}},
+                             "version")}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
+                "200": {"description": "text exposition format", "content": {"text/plain": {"schema": _STR}}}}}},
+            "/openapi.json": {"get": {"summary": "This document", "responses": {
+                "200": _json({"type": "object"}, "OpenAPI 3.1")}}},
+            "/tokenize": {"post": {
+                "summary": "Tokenize a prompt or chat messages", "security": security,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "additionalProperties": False, "properties": {
+                        "model": model_param, "prompt": _STR, "add_special_tokens": _BOOL,
+                        "messages": {"type": "array", "items": _MESSAGE, "minItems": 1}},
+                    "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]}}}},
+                "responses": {"200": _json({"type": "object", "required": ["tokens", "count", "max_model_len"],
+                                            "properties": {"tokens": _IDS, "count": _INT, "max_model_len": _INT}},
+                                           "token ids"), **_errors(400, 401, 404)}}},
+            "/detokenize": {"post": {
+                "summary": "Token ids to text", "security": security,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["tokens"], "additionalProperties": False,
+                    "properties": {"model": model_param, "tokens": token_ids}}}}},
+                "responses": {"200": _json({"type": "object", "required": ["prompt"], "properties": {
+                    "prompt": _STR}}, "text"), **_errors(400, 401, 404)}}},
+        },
+    }
