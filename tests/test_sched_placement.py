@@ -95,6 +95,33 @@ def test_enst_work_ahead_by_level():
     assert enst(base[2], 3, 4.0, 2, -3.0) == 0.0
 
 
+def test_the_cores_enst_is_the_formula_of_enst_py():
+    """The core inlines enst() for speed: same numbers, starvation cap included."""
+    from fastserve.scheduler.core.config import SchedulerCoreConfig
+    from fastserve.scheduler.core.cost_model import CostModel
+    from fastserve.scheduler.core.enst import enst
+    from fastserve.scheduler.core.scheduler import SchedulerCore
+    from fastserve.scheduler.core.types import IterationResult, JobSpec
+
+    cfg = SchedulerCoreConfig(policy="mlfq", max_batch_size=2, num_gpu_blocks=100, block_size=4, base_quantum=0.01,
+                              starvation_threshold=0.5)
+    core = SchedulerCore(cfg, CostModel.default(block_size=4), make_kv_policy("proactive"))
+    for i in range(6):
+        core.add_job(JobSpec(f"j{i}", 0.0, 8, 40), 0.0)
+    now = 0.0
+    for _ in range(8):
+        d = core.schedule(now)
+        now += 0.02
+        core.update(IterationResult(d.iteration, 0.02, []), now)
+    base = core._enst_base()
+    enst_of = core._enst_function(base, now)
+    for job in core._jobs.values():
+        lv = core._levels[job.level]
+        want = enst(base[job.level], lv.position(job), core._qf[job.level], 2,
+                    core.starvation_threshold - (now - job.starve_clock))
+        assert enst_of(job) == pytest.approx(want)
+
+
 def test_core_offloads_the_job_that_will_run_last():
     from fastserve.scheduler.core.config import SchedulerCoreConfig
     from fastserve.scheduler.core.scheduler import SchedulerCore

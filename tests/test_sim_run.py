@@ -84,7 +84,7 @@ def test_cli_bad_input(capsys, argv, msg):
 def test_cli_bench_scheduler_json(capsys):
     assert main(["bench", "scheduler", "--waiting", "50,200", "--batch", "4", "--iterations", "50", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    for regime in ("roomy", "pressure"):
+    for regime in ("default", "pressure"):
         assert set(out[regime]["waiting"]) == {"50", "200"}
         assert all(r["p99_us"] >= r["p50_us"] > 0 for r in out[regime]["waiting"].values())
     # Under pressure the pool stays full: jobs really are swapped out and back.

@@ -15,8 +15,6 @@ job (late, after the KV store or the worker was lost) is recognised as stale.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 from fastserve.scheduler.core.block_pool import BlockPool
 from fastserve.scheduler.core.job import Job, Loc
 from fastserve.scheduler.core.levels import PrioritySet
@@ -201,13 +199,15 @@ class KVManager:
         self.host_capacity = num_blocks
 
     # ------------------------------------------------------------------ ranking
-    @contextmanager
-    def reranking(self, job: Job):
-        """Wrap a change of a job's (level, key): keeps the priority sets sorted."""
+    def unrank(self, job: Job) -> None:
+        """Before a job's (level, key) changes: take it out of its priority set..."""
         ranked = self.ranked.get(job.loc)
         if ranked is not None:
             ranked.discard(job)
-        yield
+
+    def rerank(self, job: Job) -> None:
+        """...and put it back in after (the sets stay sorted)."""
+        ranked = self.ranked.get(job.loc)
         if ranked is not None:
             ranked.add(job)
 

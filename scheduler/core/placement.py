@@ -17,7 +17,7 @@ from typing import Callable
 KV_POLICY_NAMES = KV_POLICIES  # defined once, in common/settings.py
 
 
-@dataclass
+@dataclass(slots=True)
 class Cand:
     job_id: str
     blocks: int  # blocks held (resident: GPU, swapped: host) or needed (blocked)
@@ -142,14 +142,15 @@ class ProactivePlacement(ReactivePlacement):
         st = _State(view)
         self._react(view, st, plan)
         # Offload ahead of need: idle jobs only (the batch runs now), latest ENST first.
-        for c in st.victims():
-            if st.free + st.pending >= wm:
-                break
-            if c.in_batch or c.landed or st.host < c.blocks:
-                continue
-            st.evict(c, plan, swap=True)
-        if st.free + st.pending < wm or plan.offload or plan.drop:
-            return plan  # not the moment to bring anything back
+        if st.free + st.pending < wm:  # (the victims cost ENST estimates: only when wanted)
+            for c in st.victims():
+                if st.free + st.pending >= wm:
+                    break
+                if c.in_batch or c.landed or st.host < c.blocks:
+                    continue
+                st.evict(c, plan, swap=True)
+        if st.free + st.pending < wm or plan.offload or plan.drop or st.free <= rs:
+            return plan  # not the moment (or no room) to bring anything back
         uploaded = set(plan.upload)
         for c in sorted(view.swapped(), key=lambda c: (c.enst, c.rank)):
             if c.job_id in uploaded:
@@ -171,7 +172,11 @@ class _State:
         self._resident = view.resident
         self.taken: set[str] = set()
         self._sorted: list[Cand] | None = None
-        self._start = 0  # victims before this index are all taken
+        # Per kind of demand (may it drop? is it for an upload?): the victims
+        # that may still be evicted for it. A victim that cannot be now never
+        # can within this plan (host room only shrinks; in_batch and landed
+        # do not change), so each is looked at once per kind, not once per job.
+        self._live: dict[tuple[bool, bool], list[Cand]] = {}
 
     def sorted_victims(self) -> list[Cand]:
         """Idle resident jobs, latest ENST (then lowest priority) first."""
@@ -203,22 +208,26 @@ class _State:
             return
         if not allow_drop and not (swap and self.host > 0):
             return  # nothing may be evicted
-        vs = self.sorted_victims()
-        i = self._start
-        while i < len(vs) and vs[i].job_id in self.taken:
-            i += 1
-        self._start = i  # evictions take victims from the front: skip them once
-        for i in range(i, len(vs)):
-            v = vs[i]
+        kind = (allow_drop, for_upload)
+        live = self._live.get(kind)
+        if live is None:
+            live = self.sorted_victims()
+        keep: list[Cand] = []
+        for i, v in enumerate(live):
             # Sorted latest first: once one is not later than `c`, none after it is.
             if self.free + self.pending >= c.blocks or not v.later_than(c):
+                keep.extend(live[i:])
                 break
-            if v.job_id in self.taken or v.job_id == c.job_id or (for_upload and v.landed):
+            if v.job_id in self.taken or (for_upload and v.landed):
                 continue
-            if swap and self.host >= v.blocks:
+            if v.job_id == c.job_id:
+                keep.append(v)
+            elif swap and self.host >= v.blocks:
                 self.evict(v, plan, swap)  # a copy: cheap enough to preempt a running job for
             elif allow_drop and not v.in_batch:
                 self.evict(v, plan, swap=False)
+            # else: never evictable for this kind of demand in this plan
+        self._live[kind] = keep
         if self.free + self.pending >= c.blocks:
             self._consume(c.blocks)
 

@@ -16,12 +16,13 @@ iteration or a copy uses its blocks. update()s of one job arrive in order.
 """
 from __future__ import annotations
 
+import bisect
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 from fastserve.scheduler.core.config import SchedulerCoreConfig
 from fastserve.scheduler.core.cost_model import CostModel
-from fastserve.scheduler.core.enst import enst, work_ahead_by_level
+from fastserve.scheduler.core.enst import work_ahead_by_level
 from fastserve.scheduler.core.job import Job, Loc
 from fastserve.scheduler.core.kv_manager import KVManager
 from fastserve.scheduler.core.levels import Level
@@ -256,11 +257,12 @@ class SchedulerCore:
         job.key = self.policy.key(job.seq, job.remaining_tokens)
 
     def _reprioritize(self, job: Job, level: int, key: tuple[int, ...]) -> None:
-        with self.kv.reranking(job):
-            self._levels[job.level].remove(job)
-            job.level = level
-            job.key = key
-            self._levels[level].add(job)
+        self.kv.unrank(job)
+        self._levels[job.level].remove(job)
+        job.level = level
+        job.key = key
+        self._levels[level].add(job)
+        self.kv.rerank(job)
 
     def _move(self, job: Job, level: int) -> None:
         charge = job.charge
@@ -312,7 +314,10 @@ class SchedulerCore:
     def _walk(self) -> _Walk:
         """Read the levels in priority order and pick this iteration's batch
         without allocating: the highest-priority ready jobs, up to the batch
-        size, the token budget and the free blocks. Stops when the batch is full."""
+        size, the token budget and the free blocks. Stops when the batch is full.
+        Jobs that lack blocks are collected (for the placement policy to make
+        room for) only while batch + blocked fit in a batch: room for more
+        jobs than can run is room nobody uses."""
         cfg = self.config
         kv = self.kv
         free = kv.num_free
@@ -350,7 +355,7 @@ class SchedulerCore:
                         w.batch.append((job, n))
                         free -= need
                         tokens_left -= n
-                    else:
+                    elif len(w.batch) + len(w.blocked) < max_b:
                         w.blocked.append((job, need))
                 elif loc is Loc.NONE:
                     if not admit_open:
@@ -369,7 +374,8 @@ class SchedulerCore:
                     else:
                         # New work waits for memory; running jobs go on.
                         admit_open = False
-                        w.blocked.append((job, need))
+                        if len(w.batch) + len(w.blocked) < max_b:
+                            w.blocked.append((job, need))
                 elif loc is Loc.HOST and len(w.batch) + len(w.want_upload) < max_b:
                     w.want_upload.append(job)
             if len(w.batch) >= max_b or tokens_left <= 0 or examined - len(w.batch) >= budget:
@@ -401,7 +407,7 @@ class SchedulerCore:
                 w.batch.append((job, n))
                 free -= need
                 tokens_left -= n
-            elif len(w.blocked) < self.config.max_candidates:
+            elif len(w.batch) + len(w.blocked) < max_b:
                 w.blocked.append((job, need))
         w.free = free
 
@@ -430,15 +436,20 @@ class SchedulerCore:
         return work_ahead_by_level([len(x) for x in lv], [x.charge_sum for x in lv], self._qf)
 
     def _enst_function(self, base: list[float], now: float):
-        """ENST of a job (scheduler/core/enst.py), with this iteration's
-        constants bound: called for every placement candidate."""
+        """ENST of a job (scheduler/core/enst.py: the same formula, inlined
+        with this iteration's constants, as it runs for every placement candidate)."""
         levels, qf, bsz = self._levels, self._qf, self.config.max_batch_size
         starving = self.policy.starvation
         threshold = self.starvation_threshold
+        bisect_left = bisect.bisect_left
 
         def enst_of(job: Job) -> float:
-            starve = threshold - (now - job.starve_clock) if starving else None
-            return enst(base[job.level], levels[job.level].position(job), qf[job.level], bsz, starve)
+            lv = job.level
+            work = (base[lv] + bisect_left(levels[lv].keys, job.key) * qf[lv]) / bsz
+            if starving:
+                starve = threshold - (now - job.starve_clock)
+                return min(work, starve if starve > 0.0 else 0.0)
+            return work
         return enst_of
 
     def _view(self, w: _Walk, now: float) -> PlacementView:
