@@ -240,7 +240,8 @@ async def _bus_lifecycle(app: web.Application) -> AsyncIterator[None]:
     await state.tracker.start()
     tasks = [asyncio.create_task(state.tracker.run_cancel_sender(), name="gateway-cancel-sender"),
              asyncio.create_task(state.tracker.run_heartbeat(), name="gateway-heartbeat"),
-             asyncio.create_task(state.tracker.run_watchdog(), name="gateway-watchdog")]
+             asyncio.create_task(state.tracker.run_watchdog(), name="gateway-watchdog"),
+             asyncio.create_task(state.tracker.run_resubmitter(), name="gateway-resubmitter")]
     log.info("gateway.started", gateway=state.config.instance_id, model=state.model.name,
              max_model_len=state.model.max_model_len, ts=time.time())
     yield

@@ -75,6 +75,7 @@ class JobTracker:
         self._worker_limits: dict[str, int] = {}  # worker instance -> longest job its GPU KV pool holds
         self._stats: dict[str, tuple[float, SchedulerStats]] = {}
         self._cancels: asyncio.Queue[JobCancel] = asyncio.Queue()
+        self._resubmits: asyncio.Queue = asyncio.Queue()
         self._subs: list[Subscription] = []
         self._started = time.monotonic()
         self._bus_seen: float | None = None  # our own heartbeat came back: the bus works
@@ -186,8 +187,12 @@ class JobTracker:
                 self._routes[job_id] = (sub, state)
                 self._jobs[job_id] = (sub, state)
                 await self._publish_job(sub, state, job_id, prompt, 0)
-        except BaseException:
+        except BaseException as exc:
             self.release(sub, reason="submit failed")
+            if isinstance(exc, Exception) and not isinstance(exc, APIError):
+                log.warning("job.submit_failed", trace_id=trace_id, error=f"{type(exc).__name__}: {exc}")
+                raise APIError(503, "The message broker did not take the request; the service is unavailable. "
+                                    "Retry later.", "service_unavailable", None, "service_unavailable") from exc
             raise
         return sub
 
@@ -292,10 +297,22 @@ class JobTracker:
         log.warning("job.continued", job_id=state.job_id, trace_id=sub.trace_id, attempt=state.attempt,
                     streamed=len(state.received))
         prompt = state.prompt + state.received
-        task = asyncio.get_running_loop().create_task(
-            self._publish_job(sub, state, state.attempt, prompt, len(state.received)))
-        task.add_done_callback(lambda t: t.exception() and log.error(
-            "job.continue_failed", job_id=state.job_id, error=str(t.exception())))
+        self._resubmits.put_nowait((sub, state, state.attempt, prompt, len(state.received)))
+
+    async def run_resubmitter(self) -> None:
+        """Background task: publishes continuations, retrying while the
+        broker is away (a continuation must not be lost: nobody else has the job)."""
+        while True:
+            sub, state, attempt, prompt, n = await self._resubmits.get()
+            delay = 0.05
+            while state.attempt == attempt and not state.finished and state.job_id in self._jobs:
+                try:
+                    await self._publish_job(sub, state, attempt, prompt, n)
+                    break
+                except Exception as exc:  # noqa: BLE001 - retried until the bus is back or the request ends
+                    log.warning("job.continue_retry", job_id=state.job_id, error=f"{type(exc).__name__}: {exc}")
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, 2.0)
 
     # ------------------------------------------------------------ events
     async def _on_event(self, body: bytes, headers: dict) -> None:

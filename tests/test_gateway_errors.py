@@ -242,3 +242,23 @@ async def test_one_bad_request_never_touches_another(memory_bus, tiny_model_dir)
         r = await stream
         text = (await r.read()).decode()
         assert r.status == 200 and text.rstrip().endswith("data: [DONE]") and "error" not in text
+
+
+async def test_a_broker_that_refuses_the_job_is_a_503_not_a_500(memory_bus, tiny_model_dir):
+    from fastserve.common import names
+
+    async with gateway(memory_bus, tiny_model_dir, echo=EchoScheduler(memory_bus)) as (client, _):
+        publish = memory_bus.publish
+
+        async def failing(key, body, headers=None, *, exchange="", persistent=False):
+            if key == names.JOB_QUEUE:
+                raise ConnectionError("broker gone")
+            return await publish(key, body, headers, exchange=exchange, persistent=persistent)
+
+        memory_bus.publish = failing
+        resp = await client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1})
+        body = await resp.json()
+        memory_bus.publish = publish
+        assert resp.status == 503 and body["error"]["code"] == "service_unavailable"
+        health = await (await client.get("/health")).json()
+        assert health["pending_requests"] == 0  # nothing left behind
