@@ -32,6 +32,14 @@ import uuid
 from pathlib import Path
 
 
+def die_with_parent() -> None:
+    """In a child process: SIGKILL when the benchmark dies, however it dies
+    (no orphaned service left running on the machine)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -131,7 +139,7 @@ def start(deployment: str, model: str, broker: str, threads: int | None, logdir:
     for s in services:
         log = open(logdir / f"{deployment}-{s}.log", "wb")
         procs[s] = subprocess.Popen([sys.executable, "-m", "fastserve.cli", s], env=env, stdout=log,
-                                    stderr=subprocess.STDOUT)
+                                    stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     return f"http://127.0.0.1:{port}", procs
 
 

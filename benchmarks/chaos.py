@@ -36,7 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
+_CLEANUP: list = []  # run however the run ends (a SIGTERM included): no broker node left behind
 FAULTS = ("worker", "scheduler", "kvstore", "gateway", "broker")
+
+
+def die_with_parent() -> None:
+    """In a child process: SIGKILL when the benchmark dies, however it dies
+    (no orphaned service left running on the machine)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -122,7 +131,7 @@ class Deployment:
         self.restarts[service] += 1
         log = open(self.logs / f"{service}.{n}.log", "wb")
         self.procs[service] = subprocess.Popen([sys.executable, "-m", "fastserve.cli", cmd], env=env, stdout=log,
-                                               stderr=subprocess.STDOUT)
+                                               stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
 
     def kill(self, service: str) -> None:
         p = self.procs[service]
@@ -235,11 +244,13 @@ async def run(args) -> dict:
     refs = references(model, texts, specs)
     print(f"chaos: references of {len(refs)} requests in {time.monotonic() - t0:.1f}s", file=sys.stderr)
     broker = PrivateBroker(work)
+    _CLEANUP.append(broker.stop)
     broker.start()
     settings = {"heartbeat_interval": 0.5, "worker_timeout": 3, "kvstore_timeout": 3, "health_timeout": 3,
                 "worker_grace": 120, "request_timeout": args.deadline, "gpu_kv_blocks": args.gpu_kv_blocks,
                 "host_kv_blocks": 4 * args.gpu_kv_blocks, "max_batch_size": 16, "copy_timeout": 10}
     dep = Deployment(model, broker, work, settings)
+    _CLEANUP.insert(0, dep.stop_all)
     for s in Deployment.SERVICES:
         dep.start(s)
     model_name = Path(model).resolve().name
@@ -287,7 +298,6 @@ async def run(args) -> dict:
             await asyncio.gather(*tasks)
     finally:
         codes = dep.stop_all()
-        broker.stop()
     return {"model": model, "clients": args.clients, "deadline_s": args.deadline, "settings": settings,
             "faults": _table(reqs, refs, events, args.faults), "exit_codes": codes, "workdir": str(work)}
 
@@ -329,6 +339,10 @@ def _table(reqs: list[Req], refs: list[str], events: dict, faults) -> dict:
     return out
 
 
+def _interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt  # so that the cleanups below run on SIGTERM too
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="checkpoint (default: the `small` random model; --short: a tiny one)")
@@ -352,7 +366,16 @@ def main(argv=None) -> int:
         args.clients = args.clients or 12
         args.gpu_kv_blocks = args.gpu_kv_blocks or 48
         args.warmup, args.before, args.down, args.after = 8.0, 5.0, 8.0, 20.0
-    report = asyncio.run(run(args))
+    signal.signal(signal.SIGTERM, _interrupted)
+    try:
+        report = asyncio.run(run(args))
+    finally:
+        for stop in _CLEANUP:
+            try:
+                stop()
+            except Exception as exc:  # noqa: BLE001 - the next cleanups must still run
+                print(f"chaos: cleanup failed: {exc}", file=sys.stderr)
+        _CLEANUP.clear()
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
