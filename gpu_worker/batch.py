@@ -36,3 +36,9 @@ class SeqResult:
     token_id: int
     logprob: float
     top_logprobs: list[tuple[int, float]] | None = None
+
+
+# token_ids=[PENDING_TOKEN] in a batch submitted to a PipelineLeader: the
+# token this job samples in an earlier batch still in flight (a decode job in
+# consecutive batches). Stage 0 waits for it; the single Engine rejects it.
+PENDING_TOKEN = -1
