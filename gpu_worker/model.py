@@ -183,9 +183,9 @@ class LlamaModel:
         held = [self.w.embed, self.w.norm, self.w.lm_head]
         for lw in self.w.layers:
             held += [lw.in_norm, lw.post_norm, lw.qkv_w, lw.o_w, lw.gate_up_w, lw.down_w]
-        for lin in self.linears + [self.lm_head]:
-            for part in (lin.packed, lin.weight, lin.bias) if lin is not None else ():
-                held.append(part)
+        linears = [x for lin in self.linears for x in (lin.qkv, lin.o, lin.gate_up, lin.down)]
+        for lin in linears + ([self.lm_head] if self.lm_head is not None else []):
+            held += [lin.packed, lin.weight, lin.bias]
         held += self.o_bias
         unique = {id(t): t for t in held if t is not None}
         return list(unique.values())
