@@ -171,3 +171,27 @@ def scenario_rank(ctx, models: dict, pools: dict) -> dict:
         out[name] = row
         pool.close()
     return out
+
+
+def vanishing_stage_rank(ctx, model: str) -> str:
+    """Stage 1 leaves the group without serving: the leader's batch must fail
+    (PipelineBroken), not hang, and the leader must refuse new work."""
+    from fastserve.gpu_worker.launch import build_rank
+    from fastserve.gpu_worker.leader import PipelineBroken
+
+    part = build_rank(model, ctx, num_gpu_blocks=NUM_GPU_BLOCKS)
+    if ctx.rank != 0:
+        return "left"
+    future = part.submit([SeqWork("a", [5, 6, 7], 0, [0], GREEDY)])
+    try:
+        future.result(timeout=ctx.timeout * 2)
+    except PipelineBroken:
+        pass
+    else:
+        return "completed without stage 1"
+    try:
+        part.submit([SeqWork("b", [5], 0, [1], GREEDY)])
+    except PipelineBroken:
+        part.close()
+        return "refused"
+    return "accepted after the failure"

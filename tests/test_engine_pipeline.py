@@ -16,7 +16,7 @@ from fastserve.gpu_worker.batch import PENDING_TOKEN, SeqWork
 from fastserve.gpu_worker.engine import Engine
 from fastserve.gpu_worker.launch import launch_rank, spawn_local
 from pipeline_scenarios import (GREEDY, NUM_GPU_BLOCKS, NUM_HOST_BLOCKS, SWAP_HOST_BLOCKS, EngineAsLeader,
-                                run_scenario, scenario_prompts, scenario_rank)
+                                run_scenario, scenario_prompts, scenario_rank, vanishing_stage_rank)
 
 FAMILIES = {
     "llama": ("llama", 0, {}),
@@ -161,3 +161,8 @@ def test_one_rank_leader_in_process(tiny_model_dir):
         leader.close()
     with pytest.raises(RuntimeError, match="closed"):
         leader.submit([SeqWork("y", [5], 0, [0], GREEDY)])
+
+
+def test_a_vanished_stage_fails_the_batch_instead_of_hanging(tiny_model_dir):
+    ranks = spawn_local(vanishing_stage_rank, 2, 1, (str(tiny_model_dir),), timeout=60)
+    assert ranks == ["refused", "left"]
