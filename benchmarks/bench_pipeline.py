@@ -4,13 +4,17 @@ flight, against the same with one batch in flight and against one unsplit
 Engine with two threads; plus what the pipeline costs per iteration.
 
     python benchmarks/bench_pipeline.py [--model DIR] [--jobs 32] [--prompt-len 64] [--iterations 48] [--repeats 3]
+                                        [--device cuda [--backend gloo]]
 
 Every run decodes the same jobs in two alternating batches of jobs/2 (a job
 is in every other batch, so its next token is back before it runs again).
 The three modes are interleaved in each repeat (the unsplit Engine runs in the
 leader's process while stage 1 idles) so that load from other processes hits
 all alike; figures are medians over repeats. Prints one JSON object (also
-written to --out)."""
+written to --out). On CUDA rank r uses GPU r modulo the GPUs; with one GPU
+pass --backend gloo (NCCL refuses two ranks on one device; activations then
+cross through host memory) and read the ratio as a check of the in-flight
+logic, not of NCCL."""
 from __future__ import annotations
 
 import argparse
@@ -113,7 +117,7 @@ def bench_rank(ctx, model_dir: str, args: dict):
     if ctx.rank != 0:
         part.serve()
         return None
-    single = Engine(model_dir, num_gpu_blocks=num_blocks)
+    single = Engine(model_dir, device=ctx.device, num_gpu_blocks=num_blocks)
     rows = {"pp2_two_in_flight": [], "pp2_one_in_flight": [], "pp1_two_threads": []}
     per_iter = {"two": [], "one": []}
     for _ in range(args["repeats"]):
@@ -161,6 +165,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--iterations", type=int, default=48, help="decode batches per run")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--backend", choices=["gloo"], help="gloo also for device tensors (several ranks on one GPU)")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
 
@@ -177,7 +183,8 @@ def main(argv=None) -> int:
         model_dir = str(make_model(tmp.name, arch="llama", preset="small", seed=0))
     opts = {"jobs": args.jobs, "prompt_len": args.prompt_len, "iterations": args.iterations, "repeats": args.repeats}
     t0 = time.perf_counter()
-    leader = spawn_local(bench_rank, 2, 1, (model_dir, opts), timeout=3600, threads=1)[0]
+    leader = spawn_local(bench_rank, 2, 1, (model_dir, opts), timeout=3600, threads=1, device=args.device,
+                         backend=args.backend)[0]
     result = {
         "benchmark": "pipeline_parallel_decode",
         "model": "random-weight small llama (make_model preset=small, seed 0)" if args.model is None else args.model,
@@ -187,6 +194,8 @@ def main(argv=None) -> int:
         "target": "ratio_two_vs_one_in_flight >= 1.6",
         **opts, "batch_size": args.jobs // 2,
         **leader,
+        "device": args.device if args.device == "cpu" else f"{args.device} ({torch.cuda.get_device_name()}, "
+                                                           f"backend {args.backend or 'nccl'})",
         "cpu_count": os.cpu_count(), "torch": torch.__version__,
         "loadavg_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "wall_s": round(time.perf_counter() - t0, 1),

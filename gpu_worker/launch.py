@@ -12,7 +12,9 @@ tensor-parallel ranks (one process each):
 
 Process groups: gloo on the CPU; on CUDA "cpu:gloo,cuda:nccl", so that
 headers and batch descriptions (CPU tensors) go over gloo and activations
-(device tensors) over NCCL. Every channel has its own group: a TP group per
+(device tensors) over NCCL. NCCL refuses two ranks on one GPU: backend="gloo"
+on CUDA runs such a replica (a test or a demo) with activations staged
+through host memory. Every channel has its own group: a TP group per
 stage, one per pipeline lane (stage k TP rank r -> stage k+1 TP rank r) and
 one for the replies (last stage -> leader), so the leader's two threads
 never share a communicator.
@@ -43,6 +45,8 @@ class DistContext:
     tensor_parallel_size: int
     rank: int
     timeout: float  # seconds before a collective or receive fails
+    device: str = "cpu"  # this rank's device
+    host_staging: bool = False  # device tensors cross gloo through host memory
     tp_group: object = None
     prev_group: object = None  # lane from the previous stage
     next_group: object = None  # lane to the next stage
@@ -61,11 +65,21 @@ class DistContext:
         return self.rank % self.tensor_parallel_size
 
 
+def rank_device(device: str, rank: int) -> str:
+    """"cuda" -> this rank's GPU: LOCAL_RANK, else the rank modulo the GPUs."""
+    if device != "cuda":
+        return device
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    return f"cuda:{local % torch.cuda.device_count()}"
+
+
 def init_distributed(pipeline_parallel_size: int = 1, tensor_parallel_size: int = 1, rank: int | None = None,
-                     init_method: str | None = None, device: str = "cpu", timeout: float = 300.0) -> DistContext:
+                     init_method: str | None = None, device: str = "cpu", timeout: float = 300.0,
+                     backend: str | None = None) -> DistContext:
     """Join the replica's process group (rank and address default to torch's
     RANK / MASTER_ADDR / MASTER_PORT environment variables) and make every
-    channel's group. A one-rank replica needs no process group."""
+    channel's group. A one-rank replica needs no process group. backend:
+    None (gloo, or NCCL for device tensors on CUDA) or "gloo"."""
     import torch.distributed as dist
 
     P, T = pipeline_parallel_size, tensor_parallel_size
@@ -78,15 +92,18 @@ def init_distributed(pipeline_parallel_size: int = 1, tensor_parallel_size: int 
     env_world = os.environ.get("WORLD_SIZE")
     if init_method is None and env_world is not None and int(env_world) != world:
         raise ValueError(f"WORLD_SIZE={env_world} but {P} stages x {T} tensor-parallel ranks make {world}")
-    ctx = DistContext(P, T, rank, timeout)
+    if backend not in (None, "gloo"):
+        raise ValueError(f"backend must be None or 'gloo', got {backend!r}")
+    device = rank_device(device, rank)
+    dev = torch.device(device)
+    ctx = DistContext(P, T, rank, timeout, device, host_staging=dev.type == "cuda" and backend == "gloo")
     if world == 1:
         return ctx
-    dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     td = timedelta(seconds=timeout)
-    dist.init_process_group("cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo", init_method=init_method or "env://",
-                            rank=rank, world_size=world, timeout=td)
+    name = "cpu:gloo,cuda:nccl" if dev.type == "cuda" and backend is None else "gloo"
+    dist.init_process_group(name, init_method=init_method or "env://", rank=rank, world_size=world, timeout=td)
     # new_group is collective over the world: every rank makes every group, in the same order.
     for k in range(P):
         group = dist.new_group([k * T + r for r in range(T)], timeout=td) if T > 1 else None
@@ -123,16 +140,18 @@ def _all_ranks(value: int, op) -> int:
 
 def build_rank(model_dir: str | Path, ctx: DistContext, *, layer_split: tuple[int, ...] | None = None,
                keepalive_seconds: float | None = None, **engine_options) -> PipelineLeader | StageRunner:
-    """This rank's part of the model (an Engine over its shard, see
-    Engine.__init__ for engine_options): the PipelineLeader on rank 0, a
-    StageRunner to serve() elsewhere. Every rank must get the same options;
-    num_gpu_blocks=None sizes the pools by the rank with the least room."""
+    """This rank's part of the model (an Engine over its shard on
+    ctx.device, see Engine.__init__ for engine_options): the PipelineLeader
+    on rank 0, a StageRunner to serve() elsewhere. Every rank must get the
+    same options; num_gpu_blocks=None sizes the pools by the rank with the
+    least room."""
     import torch.distributed as dist
 
     P, T = ctx.pipeline_parallel_size, ctx.tensor_parallel_size
     split = ModelSplit(ModelConfig.from_model_dir(model_dir), P, T, layer_split)
     multi = ctx.world_size > 1
-    engine = Engine(model_dir, split=split, rank=ctx.rank, tp=TPComm(ctx.tp_group, T, ctx.tp_rank, ctx.stage * T),
+    tp = TPComm(ctx.tp_group, T, ctx.tp_rank, ctx.stage * T, ctx.host_staging)
+    engine = Engine(model_dir, device=ctx.device, split=split, rank=ctx.rank, tp=tp,
                     agree_num_blocks=(lambda n: _all_ranks(n, dist.ReduceOp.MIN)) if multi else None,
                     **engine_options)
     if multi:
@@ -148,13 +167,13 @@ def build_rank(model_dir: str | Path, ctx: DistContext, *, layer_split: tuple[in
 
 
 def launch_rank(model_dir: str | Path, pipeline_parallel_size: int = 1, tensor_parallel_size: int = 1,
-                rank: int | None = None, init_method: str | None = None, *, timeout: float = 300.0,
-                num_threads: int | None = None, **options) -> PipelineLeader | StageRunner:
+                rank: int | None = None, init_method: str | None = None, *, device: str = "cpu",
+                backend: str | None = None, timeout: float = 300.0, num_threads: int | None = None,
+                **options) -> PipelineLeader | StageRunner:
     """init_distributed + build_rank: one process's whole start."""
     if num_threads:
         torch.set_num_threads(num_threads)
-    ctx = init_distributed(pipeline_parallel_size, tensor_parallel_size, rank, init_method,
-                           options.get("device", "cpu"), timeout)
+    ctx = init_distributed(pipeline_parallel_size, tensor_parallel_size, rank, init_method, device, timeout, backend)
     return build_rank(model_dir, ctx, **options)
 
 
@@ -166,10 +185,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(fn, P: int, T: int, rank: int, init_method: str, timeout: float, threads: int, args, conn) -> None:
+def _rank_main(fn, P: int, T: int, rank: int, init_method: str, timeout: float, threads: int, device: str,
+               backend: str | None, args, conn) -> None:
     try:
         torch.set_num_threads(threads)
-        ctx = init_distributed(P, T, rank, init_method, timeout=timeout)
+        ctx = init_distributed(P, T, rank, init_method, device, timeout, backend)
         value = fn(ctx, *args)
         shutdown_distributed(ctx)
         conn.send((True, value))
@@ -180,11 +200,11 @@ def _rank_main(fn, P: int, T: int, rank: int, init_method: str, timeout: float, 
 
 
 def spawn_local(fn, pipeline_parallel_size: int, tensor_parallel_size: int, args: tuple = (), *,
-                timeout: float = 120.0, threads: int = 1) -> list:
-    """Run fn(ctx, *args) in P x T fresh processes joined in one gloo group
-    on a free local port; returns each rank's return value, by rank. Fails
-    (and kills the processes) as soon as a rank raises or dies, or after
-    `timeout` seconds."""
+                timeout: float = 120.0, threads: int = 1, device: str = "cpu", backend: str | None = None) -> list:
+    """Run fn(ctx, *args) in P x T fresh processes joined in one process
+    group on a free local port (device "cuda": rank r on GPU r modulo the
+    GPUs); returns each rank's return value, by rank. Fails (and kills the
+    processes) as soon as a rank raises or dies, or after `timeout` seconds."""
     import multiprocessing as mp
     from multiprocessing.connection import wait
 
@@ -196,7 +216,7 @@ def spawn_local(fn, pipeline_parallel_size: int, tensor_parallel_size: int, args
         mine, theirs = spawn.Pipe(duplex=False)
         p = spawn.Process(target=_rank_main, daemon=True, args=(fn, pipeline_parallel_size, tensor_parallel_size,
                                                                 rank, init_method, min(timeout, 300.0), threads,
-                                                                args, theirs))
+                                                                device, backend, args, theirs))
         p.start()
         theirs.close()
         procs.append(p)

@@ -27,7 +27,7 @@ class StageRunner:
         P, T, stage = ctx.pipeline_parallel_size, ctx.tensor_parallel_size, ctx.stage
         self.last = stage == P - 1
         lanes = dict(num_stages=P, hidden_size=engine.model_config.hidden_size, dtype=engine.dtype,
-                     device=engine.device)
+                     device=engine.device, host_staging=ctx.host_staging)
         self.source = None  # where a rank other than the leader gets its items
         if stage > 0:
             self.source = Link(ctx.prev_group, ctx.rank - T, stage=stage, **lanes)

@@ -120,19 +120,22 @@ def _unpack(header: torch.Tensor, num_stages: int) -> tuple[Item, int, int]:
 class Link:
     """Items one way between two ranks: sends are asynchronous, receives
     block. A receiving stage notes the transfer time (description and
-    hidden rows, after the header) in the item's timings."""
+    hidden rows, after the header) in the item's timings. host_staging:
+    hidden rows on a GPU cross a gloo group through host memory."""
 
     def __init__(self, group, peer: int, num_stages: int, stage: int | None = None, hidden_size: int = 0,
-                 dtype=None, device=None):
+                 dtype=None, device=None, host_staging: bool = False):
         self.group, self.peer, self.num_stages, self.stage = group, peer, num_stages, stage
         self.hidden_size, self.dtype, self.device = hidden_size, dtype, device
+        self.host_staging = host_staging
         self._outstanding: deque[tuple[object, torch.Tensor]] = deque()
 
     def send(self, item: Item) -> None:
         import torch.distributed as dist
 
         header, desc = _pack(item, self.num_stages)
-        for t in (header, desc, item.hidden):
+        hidden = item.hidden.cpu() if self.host_staging and item.hidden is not None else item.hidden
+        for t in (header, desc, hidden):
             if t is not None:
                 t = t.contiguous()
                 self._outstanding.append((dist.isend(t, self.peer, group=self.group), t))
@@ -152,8 +155,10 @@ class Link:
             dist.recv(buf, self.peer, group=self.group)
             item.desc = buf.numpy().tobytes()
         if rows:
-            item.hidden = torch.empty((rows, self.hidden_size), dtype=self.dtype, device=self.device)
-            dist.recv(item.hidden, self.peer, group=self.group)
+            hidden = torch.empty((rows, self.hidden_size), dtype=self.dtype,
+                                 device="cpu" if self.host_staging else self.device)
+            dist.recv(hidden, self.peer, group=self.group)
+            item.hidden = hidden.to(self.device)
         if self.stage is not None:
             item.timings[2 * self.stage + 1] = time.perf_counter_ns() - t0
         return item

@@ -10,11 +10,13 @@ import torch.nn.functional as F
 
 
 class TPComm:
-    def __init__(self, group=None, size: int = 1, rank: int = 0, leader: int = 0):
+    def __init__(self, group=None, size: int = 1, rank: int = 0, leader: int = 0, host_staging: bool = False):
         """group: the stage's TP process group; rank: this rank's index in it;
-        leader: the global rank of the group's TP rank 0."""
+        leader: the global rank of the group's TP rank 0; host_staging:
+        device tensors cross a gloo group through host memory."""
         assert size == 1 or group is not None
         self.group, self.size, self.rank, self.leader = group, size, rank, leader
+        self.host_staging = host_staging
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of the ranks' partial results, the same bits on every rank
@@ -23,7 +25,10 @@ class TPComm:
         if self.size > 1:
             import torch.distributed as dist
 
-            dist.all_reduce(x, group=self.group)
+            y = x.cpu() if self.host_staging else x
+            dist.all_reduce(y, group=self.group)
+            if y is not x:
+                x.copy_(y)
         return x
 
     def embed(self, token_ids: torch.Tensor, table: torch.Tensor, vocab: range) -> torch.Tensor:
@@ -44,9 +49,10 @@ class TPComm:
             return logits.new_zeros((0, vocab_size)) if self.rank == 0 else None
         import torch.distributed as dist
 
-        logits = logits.contiguous()
+        device = logits.device
+        logits = logits.cpu() if self.host_staging else logits.contiguous()
         parts = [torch.empty_like(logits) for _ in range(self.size)] if self.rank == 0 else None
         dist.gather(logits, parts, dst=self.leader, group=self.group)
         if self.rank:
             return None
-        return torch.cat(parts, dim=1)[:, :vocab_size]
+        return torch.cat(parts, dim=1)[:, :vocab_size].to(device)

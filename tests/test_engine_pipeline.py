@@ -166,3 +166,29 @@ def test_one_rank_leader_in_process(tiny_model_dir):
 def test_a_vanished_stage_fails_the_batch_instead_of_hanging(tiny_model_dir):
     ranks = spawn_local(vanishing_stage_rank, 2, 1, (str(tiny_model_dir),), timeout=60)
     assert ranks == ["refused", "left"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("config", ["P2", "P2xT2"])
+def test_split_replica_on_cuda(config, models, tmp_path):
+    """The scenario on GPUs: NCCL where there is a GPU per rank, else every
+    rank on one GPU over gloo with activations staged through host memory
+    (NCCL refuses two ranks on one device)."""
+    P, T = SPLITS[config]
+    backend = None if torch.cuda.device_count() >= P * T else "gloo"
+    models = {name: models[name] for name in ("llama", "qwen2")}
+    pools = {}
+    for name, path in models.items():
+        split = ModelSplit(ModelConfig.from_model_dir(path), P, T)
+        pools[name] = HostKVPool.create(PoolSpec(str(tmp_path / f"{name}.kv"), NUM_HOST_BLOCKS,
+                                                 split.kv_bytes_per_block(16)))
+    ranks = spawn_local(scenario_rank, P, T, ({n: str(p) for n, p in models.items()},
+                                             {n: p.spec.to_dict() for n, p in pools.items()}),
+                        timeout=300, device="cuda", backend=backend)
+    for name, path in models.items():
+        engine = Engine(path, device="cuda", num_gpu_blocks=NUM_GPU_BLOCKS, num_host_blocks=NUM_HOST_BLOCKS)
+        expected = run_scenario(EngineAsLeader(engine), scenario_prompts(engine.tokenizer))
+        assert ranks[0][name]["tokens"] == expected.tokens, name
+        for job, lps in expected.logprobs.items():
+            assert _close(ranks[0][name]["logprobs"][job], lps), (name, job)
+        pools[name].close()
