@@ -195,3 +195,27 @@ def vanishing_stage_rank(ctx, model: str) -> str:
         part.close()
         return "refused"
     return "accepted after the failure"
+
+
+def wire_rank(ctx, desc_sizes: list[int]) -> list:
+    """Rank 0 sends items with descriptions of the given sizes through a
+    Fanout (broadcast) and a Link (with hidden rows); rank 1 returns what arrived."""
+    import torch
+
+    from fastserve.gpu_worker.stage_wire import Fanout, Item, Kind, Link
+
+    fanout = Fanout(ctx.tp_group, 0, num_stages=2)
+    link = Link(ctx.tp_group, 1 - ctx.rank, num_stages=2, stage=1, hidden_size=4, dtype=torch.float32)
+    got = []
+    for i, size in enumerate(desc_sizes):
+        desc = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+        hidden = torch.arange(12, dtype=torch.float32).view(3, 4) + i
+        if ctx.rank == 0:
+            fanout.send(Item(Kind.BATCH, i, desc, timings=[1, 2, 3, 4]))
+            link.send(Item(Kind.BATCH, i, desc, hidden, [5, 6, 7, 8]))
+        else:
+            a, b = fanout.recv(), link.recv()
+            got.append([a.seq, a.desc == desc, a.timings, b.seq, b.desc == desc, torch.equal(b.hidden, hidden),
+                        b.timings[:3], b.timings[3] > 0])
+    link.flush()
+    return got
