@@ -36,6 +36,8 @@ class StepOutput:
     latency_seconds: float  # submit() to results
     stage_seconds: list[float]  # each stage's compute (TP rank 0's), sampling included on the last
     transfer_seconds: list[float]  # each stage's receiving of the item after its header (stage 0: the TP broadcast)
+    started_at: float  # time.perf_counter() when stage 0 began the batch...
+    finished_at: float  # ...and when its results reached the leader
 
 
 @dataclass
@@ -47,6 +49,7 @@ class _Entry:
     desc: bytes = b""
     pending: list[tuple[int, Future]] = field(default_factory=list)  # (index in work, batch that samples it)
     submitted: float = field(default_factory=time.perf_counter)
+    started: float = 0.0
 
 
 class PipelineBroken(RuntimeError):
@@ -202,6 +205,7 @@ class PipelineLeader:
                     entry.future.set_exception(exc)
                     continue
                 entry.desc = encode_work(entry.work)
+            entry.started = time.perf_counter()
             item = Item(entry.kind, entry.seq, entry.desc, timings=[0] * (2 * self.num_stages))
             with self._lock:
                 self._waiting[entry.seq] = entry
@@ -232,11 +236,13 @@ class PipelineLeader:
     def _complete(self, reply: Item) -> None:
         with self._lock:
             entry = self._waiting.pop(reply.seq)
+        now = time.perf_counter()
         if reply.kind == Kind.RESULT:
             t = reply.timings
-            entry.future.set_result(StepOutput(decode_results(reply.desc), time.perf_counter() - entry.submitted,
-                                               [ns / 1e9 for ns in t[0::2]], [ns / 1e9 for ns in t[1::2]]))
+            entry.future.set_result(StepOutput(decode_results(reply.desc), now - entry.submitted,
+                                               [ns / 1e9 for ns in t[0::2]], [ns / 1e9 for ns in t[1::2]],
+                                               entry.started, now))
         elif reply.kind == Kind.COPY_DONE:
-            entry.future.set_result(time.perf_counter() - entry.submitted)
+            entry.future.set_result(now - entry.submitted)
         else:
             entry.future.set_result(None)

@@ -163,9 +163,9 @@ def scenario_rank(ctx, models: dict, pools: dict) -> dict:
         row = {"params": sum(t.numel() for t in engine.model.tensors()), "layers": list(engine.shard.layers)}
         if ctx.rank == 0:
             d = run_scenario(part, scenario_prompts(engine.tokenizer))
-            part.close()
             row.update(tokens=d.tokens, logprobs=d.logprobs, pending_fed=d.pending_fed,
-                       stage_seconds=[o.stage_seconds for o in d.outputs])
+                       stage_seconds=[o.stage_seconds for o in d.outputs], overlap=overlap_probe(part))
+            part.close()
         else:
             part.serve()
         out[name] = row
@@ -219,3 +219,12 @@ def wire_rank(ctx, desc_sizes: list[int]) -> list:
                         b.timings[:3], b.timings[3] > 0])
     link.flush()
     return got
+
+
+def overlap_probe(leader) -> bool:
+    """Two batches of different jobs submitted back to back: did stage 0
+    begin the second before the first one's results were back?"""
+    first = leader.submit([SeqWork("p", list(range(5, 60)), 0, [0, 1, 2, 3], GREEDY)])
+    second = leader.submit([SeqWork("q", list(range(7, 62)), 0, [4, 5, 6, 7], GREEDY)])
+    a, b = first.result(timeout=120), second.result(timeout=120)
+    return b.started_at < a.finished_at

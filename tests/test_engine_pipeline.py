@@ -121,6 +121,8 @@ def test_split_replica_serves_like_one_engine(config, models, references, tmp_pa
         for job, lps in references[name]["logprobs"].items():
             assert _close(leader["logprobs"][job], lps), (name, job)
         assert leader["pending_fed"] > 0  # jobs really ran in consecutive in-flight batches
+        # Two stages work on two batches at once; one stage finishes a batch before it starts the next.
+        assert leader["overlap"] == (P > 1)
         if P > 1:
             assert all(len(s) == P and min(s) > 0 for s in leader["stage_seconds"])
 
