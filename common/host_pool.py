@@ -22,7 +22,6 @@ from pathlib import Path
 
 from fastserve.common.schemas import PoolSpec
 
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 DEFAULT_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 _PREFIX = "fastserve-kv-"
 
@@ -31,18 +30,23 @@ class PoolInUseError(RuntimeError):
     """Another live KV store owns this pool file."""
 
 
-def kv_bytes_per_block(model_dir: str | Path, block_size: int, dtype: str = "float32") -> int:
+def kv_bytes_per_block(model_dir: str | Path, block_size: int, dtype: str = "float32",
+                       tensor_parallel_size: int = 1) -> int:
     """Bytes of one KV block (K and V, all layers), from the model's config.json.
 
     Computed here so the KV store can size the pool without loading the model;
     the worker checks it against the engine's own figure when it maps the pool.
+    A replica split over T tensor-parallel ranks stores one chunk per rank
+    (common/model_split.py): more bytes only where T exceeds the model's KV
+    heads and the ranks hold replicas of them.
     """
     from fastserve.common.model_config import ModelConfig
+    from fastserve.common.model_split import DTYPE_BYTES, ModelSplit
 
-    if dtype not in _DTYPE_BYTES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPE_BYTES)}")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPE_BYTES)}")
     cfg = ModelConfig.from_model_dir(model_dir)
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * block_size * _DTYPE_BYTES[dtype]
+    return ModelSplit(cfg, 1, tensor_parallel_size).kv_bytes_per_block(block_size, dtype)
 
 
 def _safe(text: str) -> str:

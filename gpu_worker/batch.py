@@ -39,3 +39,9 @@ class SeqResult:
     # With the job's first token, when prompt_logprobs was asked for: per
     # prompt position from 1, (logprob, rank, [(token id, logprob) of the top k]).
     prompt_logprobs: list[tuple[float, int, list[tuple[int, float]]]] | None = None
+
+
+# token_ids=[PENDING_TOKEN] in a batch submitted to a PipelineLeader: the
+# token this job samples in an earlier batch still in flight (a decode job in
+# consecutive batches). Stage 0 waits for it; the single Engine rejects it.
+PENDING_TOKEN = -1

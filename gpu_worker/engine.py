@@ -1,21 +1,27 @@
-"""Engine: one model replica on one device. It owns the weights and the KV
-block pools, but not the allocation of blocks: whoever calls step() (the
-scheduler, or the offline LLM) decides which blocks each job uses."""
+"""Engine: one model replica on one device, or one rank's shard of a replica
+split over pipeline stages and tensor-parallel ranks (the ranks are driven
+by stage.py). It owns the weights and the KV block pools, but not the
+allocation of blocks: whoever calls step() (the scheduler, or the offline
+LLM) decides which blocks each job uses; every rank of a split replica uses
+the same block ids and holds the KV of its own layers and heads."""
 from __future__ import annotations
 
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from fastserve.gpu_worker.batch import SeqResult, SeqWork
 from fastserve.common.model_config import ModelConfig
+from fastserve.common.model_split import ModelSplit
 from fastserve.gpu_worker.kv_cache import CopyHandle, KVCache
 from fastserve.gpu_worker.loader import load_weights, torch_dtype
 from fastserve.gpu_worker.model import FreshPrefills, LlamaModel, PrefillSpan, StepInputs
 from fastserve.gpu_worker.job_state import JobStates, needs_state
 from fastserve.gpu_worker.sampling import SampleRow, Sampler
+from fastserve.gpu_worker.tp_comm import TPComm
 
 # Default device KV pool on the CPU when none is given: this many full-length
 # sequences, capped by _CPU_KV_BYTES.
@@ -27,10 +33,22 @@ _GPU_MEMORY_FRACTION = 0.85
 _MAX_FRESH_MASK = 64 * 2**20
 
 
+def check_unique(work: list[SeqWork]) -> None:
+    ids = [w.job_id for w in work]
+    if len(set(ids)) != len(ids):
+        raise ValueError("a job appears twice in one step")
+
+
 class Engine:
     def __init__(self, model_dir: str | Path, *, dtype: str = "float32", device: str = "cpu", block_size: int = 16,
                  num_gpu_blocks: int | None = None, num_host_blocks: int = 0, host_kv_buffer=None,
-                 cpu_prepack: bool = True):
+                 cpu_prepack: bool = True, split: ModelSplit | None = None, rank: int = 0, tp: TPComm | None = None,
+                 agree_num_blocks: Callable[[int], int] | None = None):
+        """split, rank: the part of the model this engine holds (default: all
+        of it); tp: its tensor-parallel peers. host_kv_buffer is the whole
+        shared host pool: a rank uses its chunk of every block. With
+        num_gpu_blocks=None each rank sizes its pool from its memory and
+        agree_num_blocks (e.g. a min over ranks) makes the counts equal."""
         from fastserve.common.tokenizer import load_tokenizer
 
         if block_size < 1:
@@ -45,15 +63,26 @@ class Engine:
         self.dtype = torch_dtype(dtype)
         self.block_size = block_size
         cfg = self.model_config
-        weights = load_weights(self.model_dir, cfg, dtype, self.device)
+        self.split = split or ModelSplit(cfg)
+        stage, tp_rank = self.split.coords(rank)
+        self.shard = self.split.shard(stage, tp_rank)
+        weights = load_weights(self.model_dir, cfg, dtype, self.device, self.shard)
         # cpu_prepack: oneDNN-packed weights on the CPU (faster; float rounding
         # differs from F.linear's MKL GEMM in the last bits).
-        self.model = LlamaModel(cfg, weights, self.device, self.dtype, prepack=cpu_prepack)
-        self.num_gpu_blocks = num_gpu_blocks if num_gpu_blocks is not None else self._default_num_blocks()
+        self.model = LlamaModel(cfg, weights, self.device, self.dtype, prepack=cpu_prepack, shard=self.shard, tp=tp)
+        if num_gpu_blocks is None:
+            num_gpu_blocks = self._default_num_blocks()
+            if agree_num_blocks is not None:
+                num_gpu_blocks = agree_num_blocks(num_gpu_blocks)
+        self.num_gpu_blocks = num_gpu_blocks
         if self.num_gpu_blocks < 1:
             raise ValueError(f"num_gpu_blocks must be >= 1, got {self.num_gpu_blocks}")
-        self.kv = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size, self.num_gpu_blocks,
-                          num_host_blocks, self.dtype, self.device, host_kv_buffer)
+        host_chunk = None
+        if host_kv_buffer is not None:
+            offset, _ = self.split.host_chunk(stage, tp_rank, block_size, dtype)
+            host_chunk = (offset, self.split.kv_bytes_per_block(block_size, dtype))
+        self.kv = KVCache(self.shard.num_layers, self.shard.num_kv_heads, cfg.head_dim, block_size,
+                          self.num_gpu_blocks, num_host_blocks, self.dtype, self.device, host_kv_buffer, host_chunk)
         self.num_host_blocks = self.kv.num_host_blocks
         self.bytes_per_block = self.kv.bytes_per_block
         # Unseeded requests draw from this; seeded ones never touch it (sampling.py).
@@ -64,8 +93,9 @@ class Engine:
         self.last_step_seconds = 0.0
 
     def _default_num_blocks(self) -> int:
-        cfg = self.model_config
-        per_block = 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+        cfg, shard = self.model_config, self.shard
+        per_block = (2 * shard.num_layers * self.block_size * shard.num_kv_heads * cfg.head_dim
+                     * self.dtype.itemsize)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             return max(1, int(free * _GPU_MEMORY_FRACTION) // per_block)
@@ -182,17 +212,23 @@ class Engine:
                              torch.tensor(slots, device=dev), len(spans), L)
 
     @torch.inference_mode()
-    def forward(self, work: list[SeqWork], all_logits: bool = False) -> torch.Tensor:
+    def forward(self, work: list[SeqWork], all_logits: bool = False,
+                hidden: torch.Tensor | None = None) -> torch.Tensor | None:
         """Run the model without sampling; float32 logits of the last token of
         each sample=True job, in `work` order (all_logits: of every token, in
-        `work` order, concatenated)."""
+        `work` order, concatenated). A shard that is not the last pipeline
+        stage returns its residual stream instead, rows in its own packing
+        order, which the next stage passes back as `hidden` with the same
+        work; a last-stage TP rank other than 0 returns None."""
         if not all_logits:
-            return self._forward(work)[0]
+            return self._forward(work, hidden=hidden)[0]
         for w in work:
             self.validate(w)
         inp, order = self._prepare(work, True)
         self.kv.order_compute_after_copies()
-        logits = self.model.forward(inp, self.kv.gpu)
+        logits = self.model.forward(inp, self.kv.gpu, hidden)
+        if not self.shard.last or logits is None:
+            return logits
         # Undo the decode-first packing.
         starts, pos = {}, 0
         for i in order:
@@ -201,14 +237,19 @@ class Engine:
         rows = [r for i in range(len(work)) for r in range(starts[i], starts[i] + len(work[i].token_ids))]
         return logits[torch.tensor(rows, device=logits.device, dtype=torch.long)]
 
-    def _forward(self, work: list[SeqWork], every_row: frozenset[int] = frozenset()):
+    def _forward(self, work: list[SeqWork], every_row: frozenset[int] = frozenset(),
+                 hidden: torch.Tensor | None = None):
         """(logits of the sample=True jobs' last tokens in `work` order,
-        {index in work: logits of every token of that job} for `every_row`)."""
+        {index in work: logits of every token of that job} for `every_row`).
+        Off the last pipeline stage: (its residual stream, {}); on a last-stage
+        TP rank other than 0: (None, {})."""
         for w in work:
             self.validate(w)
         inp, order = self._prepare(work, False, every_row)
         self.kv.order_compute_after_copies()
-        logits = self.model.forward(inp, self.kv.gpu)
+        logits = self.model.forward(inp, self.kv.gpu, hidden)
+        if not self.shard.last or logits is None:
+            return logits, {}
         sampled = [i for i in order if work[i].sample]
         where = {i: r for r, i in enumerate(sampled)}
         rows = [where[i] for i in range(len(work)) if work[i].sample]
@@ -227,21 +268,20 @@ class Engine:
         self.states.release(job_ids)
 
     @torch.inference_mode()
-    def step(self, work: list[SeqWork]) -> list[SeqResult]:
+    def step(self, work: list[SeqWork], hidden: torch.Tensor | None = None) -> list[SeqResult]:
         """One iteration over a mix of prefill and decode jobs; one result per
-        sample=True entry, in `work` order."""
+        sample=True entry, in `work` order. `hidden`: on the last stage of a
+        pipeline, the residual stream the stage before computed (stage.py)."""
         if not work:
             return []
         t0 = time.perf_counter()
-        ids = [w.job_id for w in work]
-        if len(set(ids)) != len(ids):
-            raise ValueError("a job appears twice in one step")
+        check_unique(work)
         for st in self.states.take_released():
             self.sampler.release(st)
         rows, want_prompt = self._track(work)
         constrained = [i for i, r in enumerate(rows) if r.state is not None and r.state.matcher is not None]
         masks = self.grammars.start([rows[i].state for i in constrained]) if constrained else None
-        logits, full = self._forward(work, want_prompt)
+        logits, full = self._forward(work, want_prompt, hidden)
         for i, lg in full.items():
             self._prompt_logprobs(work[i], lg)
         results = []

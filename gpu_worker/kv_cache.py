@@ -5,7 +5,9 @@ Device layout: (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim),
 so each layer's K and V are one contiguous tensor to gather from.
 Host layout: (num_host_blocks, num_layers, 2, block_size, num_kv_heads,
 head_dim), so each host block is one contiguous run of `bytes_per_block`
-bytes: a shared-memory KV store can hand out blocks by offset."""
+bytes: a shared-memory KV store can hand out blocks by offset. A rank of a
+split replica (common/model_split.py) owns one chunk of each block of a
+shared buffer: `host_chunk=(offset, block_stride)` in bytes."""
 from __future__ import annotations
 
 import weakref
@@ -77,7 +79,8 @@ def _runs(ids: list[int]) -> list[tuple[int, int, int]]:
 
 class KVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
-                 num_blocks: int, num_host_blocks: int, dtype: torch.dtype, device, host_buffer=None):
+                 num_blocks: int, num_host_blocks: int, dtype: torch.dtype, device, host_buffer=None,
+                 host_chunk: tuple[int, int] | None = None):
         self.device = torch.device(device)
         self.dtype = dtype
         self.block_size = block_size
@@ -89,6 +92,7 @@ class KVCache:
         self.gpu = torch.zeros((num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim),
                                dtype=dtype, device=self.device)
         self.on_cuda = self.device.type == "cuda"
+        self.host_chunk = host_chunk
         self.set_host_buffer(host_buffer, num_host_blocks)
         self.copy_stream = torch.cuda.Stream(self.device) if self.on_cuda else None
         self._pending: list[CopyHandle] = []
@@ -96,10 +100,12 @@ class KVCache:
     def set_host_buffer(self, host_buffer, num_host_blocks: int = 0) -> None:
         """Use another host pool (a restarted KV store's new one). The caller
         makes sure no copy to or from the old one is running."""
-        self.host = self._host_pool(self._block_shape, num_host_blocks, host_buffer)
+        self.host = self._host_pool(self._block_shape, num_host_blocks, host_buffer, self.host_chunk)
+        # Runs of consecutive host blocks are one copy only where blocks are adjacent.
+        self.host_runs = self.host.is_contiguous()
         self.num_host_blocks = self.host.shape[0]
 
-    def _host_pool(self, block_shape, num_host_blocks: int, host_buffer) -> torch.Tensor:
+    def _host_pool(self, block_shape, num_host_blocks: int, host_buffer, host_chunk) -> torch.Tensor:
         self.host_pinned = False
         if host_buffer is None:
             pin = self.device.type == "cuda" and torch.cuda.is_available()
@@ -109,20 +115,24 @@ class KVCache:
             flat = host_buffer.view(-1).view(torch.uint8) if host_buffer.dtype != torch.uint8 else host_buffer.view(-1)
         else:  # bytes-like: mmap, shared memory buffer, bytearray, numpy array
             flat = torch.frombuffer(memoryview(host_buffer).cast("B"), dtype=torch.uint8)
-        n = flat.numel() // self.bytes_per_block
+        offset, stride = host_chunk or (0, self.bytes_per_block)
+        assert 0 <= offset and offset + self.bytes_per_block <= stride, (offset, stride, self.bytes_per_block)
+        n = flat.numel() // stride
         if num_host_blocks:
             if num_host_blocks > n:
-                raise ValueError(f"host_kv_buffer holds {n} blocks of {self.bytes_per_block} bytes, "
+                raise ValueError(f"host_kv_buffer holds {n} blocks of {stride} bytes, "
                                  f"fewer than num_host_blocks={num_host_blocks}")
             n = num_host_blocks
-        pool = flat[: n * self.bytes_per_block].view(self.dtype).view(n, *block_shape)
-        if self.device.type == "cuda" and n and not pool.is_pinned():
-            self.host_pinned = _pin(pool)
+        span = flat[: n * stride]
+        rows = span.view(n, stride)[:, offset:offset + self.bytes_per_block]
+        pool = rows.view(self.dtype).view(n, *block_shape)
+        if self.device.type == "cuda" and n and not span.is_pinned():
+            self.host_pinned = _pin(span)
             if self.host_pinned:
-                weakref.finalize(pool, _unpin, pool.data_ptr())
+                weakref.finalize(span, _unpin, span.data_ptr())
         return pool
 
-    def _check(self, gpu_blocks: list[int], host_blocks: list[int]) -> None:
+    def check_copy(self, gpu_blocks: list[int], host_blocks: list[int]) -> None:
         if len(gpu_blocks) != len(host_blocks):
             raise ValueError(f"{len(gpu_blocks)} GPU blocks but {len(host_blocks)} host blocks")
         if any(not 0 <= b < self.num_blocks for b in gpu_blocks):
@@ -131,7 +141,7 @@ class KVCache:
             raise ValueError(f"host block id out of range [0, {self.num_host_blocks}): {host_blocks}")
 
     def copy_out(self, gpu_blocks: list[int], host_blocks: list[int]) -> CopyHandle:
-        self._check(gpu_blocks, host_blocks)
+        self.check_copy(gpu_blocks, host_blocks)
         if not gpu_blocks:
             return CopyHandle()
         idx = torch.tensor(gpu_blocks, device=self.device)
@@ -142,14 +152,14 @@ class KVCache:
         stream.wait_stream(torch.cuda.current_stream(self.device))  # the KV written so far
         with torch.cuda.stream(stream):
             staging = self.gpu[:, :, idx].movedim(2, 0).contiguous()
-            for pos, first, n in _runs(host_blocks):
+            for pos, first, n in self._runs(host_blocks):
                 self.host[first:first + n].copy_(staging[pos:pos + n], non_blocking=True)
             event = torch.cuda.Event()
             event.record(stream)
         return self._track(CopyHandle(event, (staging, idx)))
 
     def copy_in(self, host_blocks: list[int], gpu_blocks: list[int]) -> CopyHandle:
-        self._check(gpu_blocks, host_blocks)
+        self.check_copy(gpu_blocks, host_blocks)
         if not gpu_blocks:
             return CopyHandle()
         idx = torch.tensor(gpu_blocks, device=self.device)
@@ -160,12 +170,17 @@ class KVCache:
         stream.wait_stream(torch.cuda.current_stream(self.device))  # earlier reads of those blocks
         with torch.cuda.stream(stream):
             staging = torch.empty((len(host_blocks), *self.host.shape[1:]), dtype=self.dtype, device=self.device)
-            for pos, first, n in _runs(host_blocks):
+            for pos, first, n in self._runs(host_blocks):
                 staging[pos:pos + n].copy_(self.host[first:first + n], non_blocking=True)
             self.gpu[:, :, idx] = staging.movedim(0, 2)
             event = torch.cuda.Event()
             event.record(stream)
         return self._track(CopyHandle(event, (staging, idx)))
+
+    def _runs(self, host_blocks: list[int]) -> list[tuple[int, int, int]]:
+        if self.host_runs:
+            return _runs(host_blocks)
+        return [(i, b, 1) for i, b in enumerate(host_blocks)]
 
     def _track(self, handle: CopyHandle) -> CopyHandle:
         self._pending = [h for h in self._pending if not h.done()]

@@ -6,7 +6,12 @@ attention runs batched over the decode jobs (their K/V gathered from blocks
 into a padded tensor with a length mask); prompts that start at position 0 are
 padded into one causal batch, prompt chunks that continue a cached prefix
 attend one job at a time. The
-arithmetic follows transformers' modeling_llama so greedy outputs match it."""
+arithmetic follows transformers' modeling_llama so greedy outputs match it.
+
+A model may be one rank's shard (common/model_split.py): a pipeline stage
+runs its layers only, starting from the previous stage's residual stream
+unless it embeds, and ending there unless it is last; a tensor-parallel rank
+holds its heads and MLP columns and reduces with its peers (tp_comm.py)."""
 from __future__ import annotations
 
 import math
@@ -16,7 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from fastserve.common.model_config import ModelConfig
+from fastserve.common.model_split import ModelSplit, RankShard
 from fastserve.gpu_worker.loader import ModelWeights
+from fastserve.gpu_worker.tp_comm import TPComm
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -144,49 +151,76 @@ class StepInputs:
 
 
 class LlamaModel:
-    def __init__(self, cfg: ModelConfig, weights: ModelWeights, device, dtype: torch.dtype, prepack: bool = True):
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, device, dtype: torch.dtype, prepack: bool = True,
+                 shard: RankShard | None = None, tp: TPComm | None = None):
         self.cfg = cfg
         self.w = weights
         self.device = torch.device(device)
         self.dtype = dtype
+        self.shard = shard = shard or ModelSplit(cfg).shard(0, 0)
+        self.tp = tp or TPComm()
         pack = prepack and can_prepack(self.device, dtype)
-        self.linears = [LayerLinears(Linear(lw.qkv_w, lw.qkv_b, pack), Linear(lw.o_w, lw.o_b, pack),
+        # A row-parallel projection's bias is added once, after the reduction.
+        split = shard.tp_size > 1
+        self.linears = [LayerLinears(Linear(lw.qkv_w, lw.qkv_b, pack), Linear(lw.o_w, None if split else lw.o_b, pack),
                                      Linear(lw.gate_up_w, None, pack), Linear(lw.down_w, None, pack))
                         for lw in weights.layers]
-        self.lm_head = Linear(weights.lm_head, None, pack)
+        self.o_bias = [lw.o_b if split else None for lw in weights.layers]
+        self.lm_head = Linear(weights.lm_head, None, pack) if shard.last else None
         if pack:  # drop the unpacked copies; the embedding table stays for lookups
             for lw in weights.layers:
                 lw.qkv_w = lw.o_w = lw.gate_up_w = lw.down_w = None
             weights.lm_head = None
         self.cos_table, self.sin_table = rope_tables(cfg, self.device)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.num_heads, self.num_kv_heads = shard.num_heads, shard.num_kv_heads
+        self.intermediate = len(shard.intermediate)
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
 
-    def forward(self, inp: StepInputs, kv: torch.Tensor) -> torch.Tensor:
-        """kv: (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim).
-        Writes this step's K/V into kv and returns float32 logits."""
+    def tensors(self) -> list[torch.Tensor]:
+        """Every weight tensor this rank holds (packed ones included)."""
+        held = [self.w.embed, self.w.norm, self.w.lm_head]
+        for lw in self.w.layers:
+            held += [lw.in_norm, lw.post_norm, lw.qkv_w, lw.o_w, lw.gate_up_w, lw.down_w]
+        linears = [x for lin in self.linears for x in (lin.qkv, lin.o, lin.gate_up, lin.down)]
+        for lin in linears + ([self.lm_head] if self.lm_head is not None else []):
+            held += [lin.packed, lin.weight, lin.bias]
+        held += self.o_bias
+        unique = {id(t): t for t in held if t is not None}
+        return list(unique.values())
+
+    def forward(self, inp: StepInputs, kv: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor | None:
+        """kv: (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
+        of this shard. Writes this step's K/V into kv. The first stage embeds
+        inp.token_ids, a later one continues from `hidden`, the previous
+        stage's (T, hidden_size) residual stream; a stage that is not last
+        returns its residual stream, the last one float32 logits (on TP rank 0;
+        None on the other TP ranks)."""
         cfg, w = self.cfg, self.w
-        x = F.embedding(inp.token_ids, w.embed)
-        for i, (lw, lin) in enumerate(zip(w.layers, self.linears)):
+        x = self.tp.embed(inp.token_ids, w.embed, self.shard.vocab) if self.shard.first else hidden
+        for i, (lw, lin, o_bias) in enumerate(zip(w.layers, self.linears, self.o_bias)):
             residual = x
             h = rms_norm(x, lw.in_norm, cfg.rms_norm_eps)
-            h = self._attention(h, lin, inp, kv[i])
+            h = self.tp.all_reduce(self._attention(h, lin, inp, kv[i]))
+            if o_bias is not None:
+                h = h + o_bias
             x = residual + h
             residual = x
             h = rms_norm(x, lw.post_norm, cfg.rms_norm_eps)
-            gate, up = lin.gate_up(h).split(cfg.intermediate_size, dim=-1)
-            x = residual + lin.down(F.silu(gate) * up)
+            gate, up = lin.gate_up(h).split(self.intermediate, dim=-1)
+            x = residual + self.tp.all_reduce(lin.down(F.silu(gate) * up))
+        if not self.shard.last:
+            return x
         if inp.logit_rows is not None:
             x = x.index_select(0, inp.logit_rows)
         x = rms_norm(x, w.norm, cfg.rms_norm_eps)
-        return self.lm_head(x).float()
+        return self.tp.gather_logits(self.lm_head(x).float(), cfg.vocab_size)
 
     def _attention(self, h, lin: LayerLinears, inp: StepInputs, kv: torch.Tensor):
         """kv: this layer's (2, num_blocks, block_size, num_kv_heads, head_dim)."""
-        cfg = self.cfg
         T = h.shape[0]
-        nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.cfg.head_dim
         qkv = lin.qkv(h)
         # RoPE on the query and key heads together: half the small ops.
         qk = apply_rope(qkv[:, :self.q_size + self.kv_size].view(T, nh + nkv, hd), inp.cos, inp.sin)
