@@ -344,8 +344,10 @@ class WorkerInfo:
     max_model_len: int
     vocab_size: int
     eos_token_ids: list[int]
-    bytes_per_block: int
+    bytes_per_block: int  # of a whole host block: every rank's chunk of it
     device: str = "cpu"
+    pipeline_parallel_size: int = 1
+    tensor_parallel_size: int = 1
 
 
 @struct

@@ -99,6 +99,18 @@ HOST_KV_BLOCKS = Setting(1024, "host (CPU) KV blocks in the KV store's shared po
 HOST_KV_DIR = Setting(None, "directory of the host pool's shared-memory file (default: /dev/shm); each KV "
                             "store instance makes its own file there")
 
+# ------------------------------------------------------------------ distributed execution
+PIPELINE_PARALLEL_SIZE = Setting(1, "pipeline stages a replica's model is split over (P x T worker processes "
+                                    "per replica)", _positive, POS)
+TENSOR_PARALLEL_SIZE = Setting(1, "tensor-parallel ranks per pipeline stage", _positive, POS)
+RANK = Setting(0, "this worker's rank in its replica (0: the one that talks to the scheduler; stage = rank // T)",
+               _non_negative, NONNEG)
+DIST_INIT = Setting(None, "rendezvous of a replica's worker ranks, tcp://HOST:PORT (default: torch's MASTER_ADDR / "
+                          "MASTER_PORT variables)")
+LAYER_SPLIT = Setting(None, "layers of each pipeline stage, comma-separated (default: balanced by parameter count)")
+DIST_TIMEOUT = Setting(300.0, "seconds a worker rank waits for its peers (joining, and each transfer) before "
+                              "the replica counts as broken", _positive, POS)
+
 # ------------------------------------------------------------------ scheduling
 POLICY = Setting("sj-mlfq", "job scheduling policy", _one_of(POLICIES), f"must be one of {', '.join(POLICIES)}")
 KV_POLICY = Setting("proactive", "KV placement policy", _one_of(KV_POLICIES),

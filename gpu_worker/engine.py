@@ -77,10 +77,10 @@ class Engine:
         self.num_gpu_blocks = num_gpu_blocks
         if self.num_gpu_blocks < 1:
             raise ValueError(f"num_gpu_blocks must be >= 1, got {self.num_gpu_blocks}")
-        host_chunk = None
-        if host_kv_buffer is not None:
-            offset, _ = self.split.host_chunk(stage, tp_rank, block_size, dtype)
-            host_chunk = (offset, self.split.kv_bytes_per_block(block_size, dtype))
+        # Every host block holds one chunk per rank (common/model_split.py); a
+        # whole, unsplit replica's chunk is the whole block.
+        self.pool_bytes_per_block = self.split.kv_bytes_per_block(block_size, dtype)
+        host_chunk = (self.split.host_chunk(stage, tp_rank, block_size, dtype)[0], self.pool_bytes_per_block)
         self.kv = KVCache(self.shard.num_layers, self.shard.num_kv_heads, cfg.head_dim, block_size,
                           self.num_gpu_blocks, num_host_blocks, self.dtype, self.device, host_kv_buffer, host_chunk)
         self.num_host_blocks = self.kv.num_host_blocks

@@ -69,6 +69,7 @@ class PipelineLeader:
         self._lock = threading.Lock()
         self._waiting: dict[int, _Entry] = {}  # sent, reply not yet received
         self._last_sample: dict[str, Future] = {}  # job -> the latest submitted batch that samples it
+        self._released: list[str] = []  # finished jobs whose sampling state the last stage is to drop
         self._broken: BaseException | None = None
         self._closed = False
         self._replies = Link(ctx.result_group, ctx.rank + (self.num_stages - 1) * ctx.tensor_parallel_size,
@@ -112,20 +113,24 @@ class PipelineLeader:
             self._queue.put(entry)
         return future
 
-    def copy_out(self, gpu_blocks: list[int], host_blocks: list[int]) -> Future:
+    def copy_out(self, gpu_blocks: list[int], host_blocks: list[int], pool: tuple[str, int, int] | None = None) -> Future:
         """Copy device blocks to host blocks on every rank, after every batch
         submitted before and before every batch submitted after. The future
-        (its result: seconds) completes once all ranks have finished."""
-        return self._copy("out", gpu_blocks, host_blocks)
+        (its result: seconds) completes once all ranks have finished. `pool`:
+        (path, num_blocks, bytes_per_block) of a KV store's pool every rank
+        maps first if it has not yet."""
+        return self._copy("out", gpu_blocks, host_blocks, pool)
 
-    def copy_in(self, host_blocks: list[int], gpu_blocks: list[int]) -> Future:
-        return self._copy("in", list(gpu_blocks), list(host_blocks))
+    def copy_in(self, host_blocks: list[int], gpu_blocks: list[int], pool: tuple[str, int, int] | None = None) -> Future:
+        return self._copy("in", list(gpu_blocks), list(host_blocks), pool)
 
     def forget(self, job_ids) -> None:
-        """Drop what the leader remembers of finished jobs."""
+        """Drop what the leader remembers of finished jobs; the last stage
+        forgets their sampling state with the next batch."""
         with self._lock:
             for job_id in job_ids:
                 self._last_sample.pop(job_id, None)
+                self._released.append(job_id)
 
     @property
     def in_flight(self) -> int:
@@ -151,14 +156,16 @@ class PipelineLeader:
         self.runner.flush()
 
     # ------------------------------------------------------------------ threads
-    def _copy(self, direction: str, gpu_blocks: list[int], host_blocks: list[int]) -> Future:
+    def _copy(self, direction: str, gpu_blocks: list[int], host_blocks: list[int],
+              pool: tuple[str, int, int] | None) -> Future:
         gpu_blocks, host_blocks = list(gpu_blocks), list(host_blocks)
-        self.engine.kv.check_copy(gpu_blocks, host_blocks)
+        if pool is None:
+            self.engine.kv.check_copy(gpu_blocks, host_blocks)
         future = Future()
         with self._lock:
             self._check_open()
             self._queue.put(_Entry(Kind.COPY, next(self._seq), future,
-                                   desc=encode_copy(direction, gpu_blocks, host_blocks)))
+                                   desc=encode_copy(direction, gpu_blocks, host_blocks, pool)))
         return future
 
     def _check_open(self) -> None:
@@ -204,7 +211,9 @@ class PipelineLeader:
                 except Exception as exc:  # the batch that was to sample a token failed: so does this one
                     entry.future.set_exception(exc)
                     continue
-                entry.desc = encode_work(entry.work)
+                with self._lock:
+                    release, self._released = self._released, []
+                entry.desc = encode_work(entry.work, release)
             entry.started = time.perf_counter()
             item = Item(entry.kind, entry.seq, entry.desc, timings=[0] * (2 * self.num_stages))
             with self._lock:

@@ -52,6 +52,11 @@ class WorkerServiceConfig:
     block_size: int = S.BLOCK_SIZE()
     gpu_kv_blocks: int | None = S.GPU_KV_BLOCKS()  # None: the engine sizes the pool from free memory
     heartbeat_interval: float = S.HEARTBEAT_INTERVAL()
+    pipeline_parallel_size: int = S.PIPELINE_PARALLEL_SIZE()
+    tensor_parallel_size: int = S.TENSOR_PARALLEL_SIZE()
+    dist_init: str | None = S.DIST_INIT()
+    layer_split: tuple[int, ...] | None = S.LAYER_SPLIT()
+    dist_timeout: float = S.DIST_TIMEOUT()
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -59,6 +64,10 @@ class WorkerServiceConfig:
         if not self.instance_id:
             self.instance_id = f"worker-{self.replica}-{uuid.uuid4().hex[:6]}"
         S.validate(self)
+
+    @property
+    def world_size(self) -> int:
+        return self.pipeline_parallel_size * self.tensor_parallel_size
 
 
 @dataclass
@@ -68,13 +77,15 @@ class _Seq:
     block_table: list[int] = field(default_factory=list)
     num_generated: int = 0
     trace_id: str = ""
+    pending: int = 0  # tokens it samples in batches submitted to a pipeline whose results are not back
 
 
 class WorkerService:
     def __init__(self, config: WorkerServiceConfig, bus: Bus):
         self.config = config
         self.bus = bus
-        self.engine = None
+        self.engine = None  # the Engine (rank 0's, when the replica is split over ranks)
+        self.leader = None  # the PipelineLeader of a split replica (gpu_worker/leader.py)
         self.pool = None  # the host pool mapped now (common.host_pool.HostKVPool)
         self.queue = names.worker_queue(config.replica, config.instance_id)
         self.seqs: dict[str, _Seq] = {}
@@ -102,8 +113,14 @@ class WorkerService:
         await self.bus.declare_queue(self.queue, durable=False, exclusive=True, auto_delete=True)
         await self.bus.declare_queue(names.scheduler_queue(c.replica), durable=False,
                                      bindings=[(names.KV_EXCHANGE, names.kv_done_key(c.replica))])
-        self._tasks.add_subscription(await self.bus.consume(self.queue, self._on_message, prefetch=256))
-        steps = self._tasks.spawn(self._step_loop(), "worker-steps")
+        self._queue_sub = await self.bus.consume(self.queue, self._on_message, prefetch=256)
+        self._tasks.add_subscription(self._queue_sub)
+        steps = self._steps_task = self._tasks.spawn(self._step_loop(), "worker-steps")
+        # A broken worker drops its queue at once (auto-delete): the
+        # scheduler's next command is unroutable and it moves on without
+        # waiting for the heartbeat timeout.
+        steps.add_done_callback(lambda t: None if self._stopping else self._tasks.spawn(
+            self._queue_sub.cancel(), "worker-drop-queue"))
         # A worker whose step loop died must stop looking alive, so the
         # scheduler gives its jobs to the next worker at once.
         self._tasks.spawn(send_heartbeats(self.bus, "worker", c.instance_id, c.heartbeat_interval, self._heartbeat,
@@ -114,11 +131,21 @@ class WorkerService:
                  block_size=e.block_size, queue=self.queue)
 
     def _make_engine(self):
-        from fastserve.gpu_worker.engine import Engine
-
+        """One Engine, or rank 0 of a replica split over P stages x T ranks
+        (gpu_worker/launch.py): then the leader drives the other ranks, which
+        run `fastserve worker --rank R` (or `fastserve up`'s own processes)."""
         c = self.config
-        return Engine(c.model, dtype=c.dtype, device=c.device, block_size=c.block_size,
-                      num_gpu_blocks=c.gpu_kv_blocks)
+        if c.world_size == 1:
+            from fastserve.gpu_worker.engine import Engine
+
+            return Engine(c.model, dtype=c.dtype, device=c.device, block_size=c.block_size,
+                          num_gpu_blocks=c.gpu_kv_blocks)
+        from fastserve.gpu_worker.launch import launch_rank
+
+        self.leader = launch_rank(c.model, c.pipeline_parallel_size, c.tensor_parallel_size, 0, c.dist_init,
+                                  device=c.device, timeout=c.dist_timeout, layer_split=c.layer_split,
+                                  dtype=c.dtype, block_size=c.block_size, num_gpu_blocks=c.gpu_kv_blocks)
+        return self.leader.engine
 
     async def stop(self) -> None:
         self._stopping = True
@@ -128,15 +155,30 @@ class WorkerService:
         await self._results.close()
         await self._reports.close()
         self._copier.shutdown(wait=True)
+        if self.leader is not None:
+            from fastserve.gpu_worker.launch import shutdown_distributed
+
+            await asyncio.to_thread(self.leader.close)
+            shutdown_distributed(self.leader.ctx)
         if self.pool is not None:
             self.pool.close()
+
+    @property
+    def broken(self) -> bool:
+        """Its step loop died (e.g. a rank of its split replica is gone): it
+        no longer heartbeats, and only a new worker (group) serves again."""
+        task = getattr(self, "_steps_task", None)
+        return task is not None and task.done() and not self._stopping
 
     def worker_info(self) -> WorkerInfo:
         e = self.engine
         mc = e.model_config
+        c = self.config
         return WorkerInfo(num_gpu_blocks=e.num_gpu_blocks, block_size=e.block_size, max_model_len=mc.max_model_len,
                           vocab_size=mc.vocab_size, eos_token_ids=list(mc.eos_token_ids),
-                          bytes_per_block=e.bytes_per_block, device=self.config.device)
+                          bytes_per_block=e.pool_bytes_per_block, device=c.device,
+                          pipeline_parallel_size=c.pipeline_parallel_size,
+                          tensor_parallel_size=c.tensor_parallel_size)
 
     def _heartbeat(self) -> dict:
         return {"replica": self.config.replica, "queue": self.queue, "worker": self.worker_info(),
@@ -166,7 +208,10 @@ class WorkerService:
             self._tasks.spawn(self._copy(msg), f"copy-{msg.move_id}")
 
     def _forget(self, job_ids) -> None:
-        self.engine.release(job_ids)
+        if self.leader is not None:
+            self.leader.forget(job_ids)
+        else:
+            self.engine.release(job_ids)
         for job_id in job_ids:
             seq = self.seqs.pop(job_id, None)
             if seq is not None:
@@ -174,12 +219,22 @@ class WorkerService:
 
     # ------------------------------------------------------------------ steps
     async def _step_loop(self) -> None:
+        """Commands in order. One Engine runs one step at a time; a pipeline
+        of P stages gets up to P batches in flight (each stage busy with
+        another), its results still published in order."""
         epoch = (None, -1)
+        depth = self.config.pipeline_parallel_size if self.leader is not None else 1
+        inflight: deque = deque()  # (cmd, work, errors, concurrent future), in submission order
         while not self._stopping:
+            if inflight and (len(inflight) >= depth or self._steps.empty()):
+                await self._finish(*inflight.popleft())
+                continue
             cmd = await self._steps.get()
             if cmd.scheduler_id != self.scheduler_id or cmd.epoch < self.epoch:
                 continue  # queued before a newer epoch (or scheduler) arrived
             if (cmd.scheduler_id, cmd.epoch) != epoch:
+                while inflight:
+                    await self._finish(*inflight.popleft())
                 if self.seqs:
                     log.warning("scheduler started over: forgetting every job", epoch=cmd.epoch, jobs=len(self.seqs))
                 self._forget(list(self.seqs))
@@ -191,17 +246,22 @@ class WorkerService:
             if not cmd.run:
                 continue  # only ids to forget (the scheduler is idle): no step, no reply
             try:
-                result = await self._run(cmd)
+                work, errors = self._prepare(cmd)
             except Exception as exc:  # report, never die: the scheduler fails the batch's jobs
                 log.exception("step failed", iteration=cmd.iteration)
-                result = BatchResult(replica=cmd.replica, epoch=cmd.epoch, iteration=cmd.iteration,
-                                     worker_id=self.config.instance_id, error=f"{type(exc).__name__}: {exc}")
-            if cmd.epoch == self.epoch and cmd.scheduler_id == self.scheduler_id:
-                self.completed = max(self.completed, cmd.iteration)
-            self._results.send(names.scheduler_queue(cmd.replica), result)
+                self._reply(cmd, BatchResult(replica=cmd.replica, epoch=cmd.epoch, iteration=cmd.iteration,
+                                             worker_id=self.config.instance_id, error=f"{type(exc).__name__}: {exc}"))
+                continue
+            if self.leader is None:
+                await self._finish(cmd, work, errors, None)
+            else:
+                # Submitted now, in order; a rank that died fails the future (PipelineBroken).
+                inflight.append((cmd, work, errors, self.leader.submit(work) if work else None))
 
-    async def _run(self, cmd: BatchCommand) -> BatchResult:
-        from fastserve.gpu_worker.batch import SeqWork
+    def _prepare(self, cmd: BatchCommand):
+        """Register the new jobs and build the iteration's SeqWork from the
+        worker's own tokens. A job whose part cannot run gets an error alone."""
+        from fastserve.gpu_worker.batch import PENDING_TOKEN, SeqWork
 
         errors: dict[str, str] = {}
         for new in cmd.new:
@@ -225,23 +285,52 @@ class WorkerService:
             else:
                 seq.block_table.extend(e.append_blocks)
             end = e.num_computed + e.num_new_tokens
-            if end > len(seq.tokens) or (e.sample and end != len(seq.tokens)):
-                errors[e.job_id] = f"tokens [{e.num_computed}, {end}) but the worker holds {len(seq.tokens)}"
+            known = len(seq.tokens) + seq.pending
+            if end > known or (e.sample and end != known):
+                errors[e.job_id] = f"tokens [{e.num_computed}, {end}) but the worker knows {known}"
                 continue
-            w = SeqWork(job_id=e.job_id, token_ids=seq.tokens[e.num_computed:end], num_computed=e.num_computed,
-                        block_table=list(seq.block_table), sampling=seq.sampling, num_generated=seq.num_generated,
-                        sample=e.sample)
+            if end > len(seq.tokens):
+                # Sampled by a batch still in the pipeline: stage 0 waits for it.
+                tokens = [PENDING_TOKEN] if e.num_new_tokens == 1 else None
+                if tokens is None:
+                    errors[e.job_id] = "more than one token still in flight for one entry"
+                    continue
+            else:
+                tokens = seq.tokens[e.num_computed:end]
+            w = SeqWork(job_id=e.job_id, token_ids=tokens, num_computed=e.num_computed,
+                        block_table=list(seq.block_table), sampling=seq.sampling,
+                        num_generated=seq.num_generated + seq.pending, sample=e.sample)
             try:
-                self.engine.validate(w)
+                if tokens != [PENDING_TOKEN]:
+                    self.engine.validate(w)
             except ValueError as exc:
                 errors[e.job_id] = str(exc)
                 continue
+            if e.sample:
+                seq.pending += 1
             work.append(w)
-        results, seconds, failed = await asyncio.to_thread(self._isolated_step, work)
+        return work, errors
+
+    async def _finish(self, cmd: BatchCommand, work, errors: dict[str, str], future) -> None:
+        """Wait for an iteration (run it, with one Engine), apply its tokens,
+        publish its result."""
+        if self.leader is None:
+            results, seconds, failed = await asyncio.to_thread(self._isolated_step, work)
+        elif future is None:
+            results, seconds, failed = [], 0.0, {}
+        else:
+            out = await asyncio.wrap_future(future)  # PipelineBroken ends the loop: the replica is broken
+            # The pipeline's pace is its slowest stage: that is what one iteration costs.
+            results, seconds, failed = out.results, max(out.stage_seconds), {}
         errors.update(failed)
         out = []
+        for w in work:
+            if w.sample and w.job_id in self.seqs:
+                self.seqs[w.job_id].pending -= 1
         for r in results:
-            seq = self.seqs[r.job_id]
+            seq = self.seqs.get(r.job_id)
+            if seq is None:
+                continue  # forgotten while its batch was in the pipeline
             seq.tokens.append(r.token_id)
             seq.num_generated += 1
             top = [TopLogprob(int(t), float(v)) for t, v in r.top_logprobs] if r.top_logprobs else None
@@ -257,8 +346,13 @@ class WorkerService:
         decodes = [w.num_computed + 1 for w in work if len(w.token_ids) == 1]
         self.step_log.append((sum(len(w.token_ids) for w in work if len(w.token_ids) > 1),
                               len(decodes), sum(decodes), seconds))
-        return BatchResult(replica=cmd.replica, epoch=cmd.epoch, iteration=cmd.iteration,
-                           worker_id=self.config.instance_id, tokens=out, step_seconds=seconds)
+        self._reply(cmd, BatchResult(replica=cmd.replica, epoch=cmd.epoch, iteration=cmd.iteration,
+                                     worker_id=self.config.instance_id, tokens=out, step_seconds=seconds))
+
+    def _reply(self, cmd: BatchCommand, result: BatchResult) -> None:
+        if cmd.epoch == self.epoch and cmd.scheduler_id == self.scheduler_id:
+            self.completed = max(self.completed, cmd.iteration)
+        self._results.send(names.scheduler_queue(cmd.replica), result)
 
     def _check_sampling(self, sampling) -> str | None:
         vocab = self.engine.model_config.vocab_size
@@ -292,7 +386,16 @@ class WorkerService:
         t0 = time.perf_counter()
         error = None
         try:
-            await asyncio.get_running_loop().run_in_executor(self._copier, self._copy_blocking, msg)
+            if self.leader is not None:
+                # Every rank copies its own chunk of the blocks, ordered with
+                # the batches; each maps the pool first if it changed.
+                pool = (msg.pool.path, msg.pool.num_blocks, msg.pool.bytes_per_block)
+                copy = self.leader.copy_out if msg.direction == "offload" else self.leader.copy_in
+                args = (msg.gpu_blocks, msg.host_blocks) if msg.direction == "offload" else (msg.host_blocks,
+                                                                                              msg.gpu_blocks)
+                await asyncio.wrap_future(copy(*args, pool=pool))
+            else:
+                await asyncio.get_running_loop().run_in_executor(self._copier, self._copy_blocking, msg)
         except Exception as exc:
             log.exception("copy failed", job_id=msg.job_id, move_id=msg.move_id)
             error = f"{type(exc).__name__}: {exc}"
@@ -322,9 +425,9 @@ class WorkerService:
 
         if self.pool is not None and self.pool.spec == spec:
             return
-        if spec.bytes_per_block != self.engine.bytes_per_block:
+        if spec.bytes_per_block != self.engine.pool_bytes_per_block:
             raise ValueError(f"the KV store's pool has blocks of {spec.bytes_per_block} bytes, this engine's are "
-                             f"{self.engine.bytes_per_block} (another model, dtype or block size?)")
+                             f"{self.engine.pool_bytes_per_block} (another model, dtype or block size?)")
         pool = HostKVPool.attach(spec)
         self.engine.set_host_pool(pool.tensor, spec.num_blocks)
         if self.engine.device.type == "cuda" and not self.engine.kv.host_pinned:

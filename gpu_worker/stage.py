@@ -16,7 +16,7 @@ import time
 import torch
 
 from fastserve.gpu_worker.engine import Engine
-from fastserve.gpu_worker.stage_wire import (Fanout, Item, Kind, Link, decode_copy, decode_work,
+from fastserve.gpu_worker.stage_wire import (Fanout, Item, Kind, Link, decode_copy, decode_release, decode_work,
                                              encode_results)
 
 
@@ -24,6 +24,7 @@ class StageRunner:
     def __init__(self, engine: Engine, ctx):
         """ctx: the rank's DistContext (launch.py)."""
         self.engine, self.ctx = engine, ctx
+        self.pool = None  # the host pool mapped now (common.host_pool.HostKVPool)
         P, T, stage = ctx.pipeline_parallel_size, ctx.tensor_parallel_size, ctx.stage
         self.last = stage == P - 1
         lanes = dict(num_stages=P, hidden_size=engine.model_config.hidden_size, dtype=engine.dtype,
@@ -68,10 +69,13 @@ class StageRunner:
             if tp_rank:
                 e.forward(work, hidden=item.hidden)  # its share of the last layers; rank 0 samples
                 return None
+            e.release(decode_release(item.desc))
             return Item(Kind.RESULT, item.seq, encode_results(e.step(work, hidden=item.hidden)),
                         timings=item.timings)
         if item.kind == Kind.COPY:
-            direction, gpu_blocks, host_blocks = decode_copy(item.desc)
+            direction, gpu_blocks, host_blocks, pool = decode_copy(item.desc)
+            if pool is not None:
+                self.map_pool(*pool)
             copy = e.copy_out(gpu_blocks, host_blocks) if direction == "out" else e.copy_in(host_blocks, gpu_blocks)
             # Done here before it goes on: the reply then means done on every stage.
             copy.wait()
@@ -82,6 +86,24 @@ class StageRunner:
         if not self.last:  # NOOP, STOP
             return item
         return None if tp_rank else Item(item.kind, item.seq, timings=item.timings)
+
+    def map_pool(self, path: str, num_blocks: int, bytes_per_block: int) -> None:
+        """Map a KV store's host pool (this rank's chunk of every block), if
+        it is not the one mapped already: a restarted KV store makes a new one."""
+        from fastserve.common.host_pool import HostKVPool
+        from fastserve.common.schemas import PoolSpec
+
+        spec = PoolSpec(path, num_blocks, bytes_per_block)
+        if self.pool is not None and self.pool.spec == spec:
+            return
+        if bytes_per_block != self.engine.pool_bytes_per_block:
+            raise ValueError(f"the pool has blocks of {bytes_per_block} bytes, this replica's are "
+                             f"{self.engine.pool_bytes_per_block} (another model, dtype, block size or split?)")
+        pool = HostKVPool.attach(spec)
+        self.engine.set_host_pool(pool.tensor, num_blocks)
+        old, self.pool = self.pool, pool
+        if old is not None:
+            old.close()
 
     def _tp_sync(self) -> None:
         """Wait until every TP rank of this stage got here (a CPU all-reduce:

@@ -48,7 +48,8 @@ class Item:
     timings: list[int] = field(default_factory=list)  # ns, (compute, transfer) per stage
 
 
-def encode_work(work: list[SeqWork]) -> bytes:
+def encode_work(work: list[SeqWork], release: list[str] | tuple[str, ...] = ()) -> bytes:
+    """`release`: jobs whose sampling state the last stage forgets first."""
     params: dict[SamplingParams, int] = {}
     cols = {"job_id": [], "token_ids": [], "num_computed": [], "block_table": [], "sample": [],
             "num_generated": [], "sampling": []}
@@ -61,7 +62,12 @@ def encode_work(work: list[SeqWork]) -> bytes:
         cols["num_generated"].append(w.num_generated)
         cols["sampling"].append(params.setdefault(w.sampling, len(params)))
     cols["params"] = [p.to_dict() for p in params]
+    cols["release"] = list(release)
     return msgpack.packb(cols, use_bin_type=True)
+
+
+def decode_release(data: bytes) -> list[str]:
+    return msgpack.unpackb(data, raw=False).get("release") or []
 
 
 def decode_work(data: bytes) -> list[SeqWork]:
@@ -88,13 +94,18 @@ def decode_results(data: bytes) -> list[SeqResult]:
             for j, t, lp, top, p in zip(c["job_id"], c["token_id"], c["logprob"], c["top_logprobs"], prompt)]
 
 
-def encode_copy(direction: str, gpu_blocks: list[int], host_blocks: list[int]) -> bytes:
-    return msgpack.packb({"direction": direction, "gpu_blocks": gpu_blocks, "host_blocks": host_blocks})
+def encode_copy(direction: str, gpu_blocks: list[int], host_blocks: list[int],
+                pool: tuple[str, int, int] | None = None) -> bytes:
+    """pool: (path, num_blocks, bytes_per_block) of the host pool to copy to or
+    from, when every rank must map it first (a KV store's shared memory)."""
+    return msgpack.packb({"direction": direction, "gpu_blocks": gpu_blocks, "host_blocks": host_blocks,
+                          "pool": list(pool) if pool else None})
 
 
-def decode_copy(data: bytes) -> tuple[str, list[int], list[int]]:
+def decode_copy(data: bytes) -> tuple[str, list[int], list[int], tuple[str, int, int] | None]:
     c = msgpack.unpackb(data, raw=False)
-    return c["direction"], c["gpu_blocks"], c["host_blocks"]
+    pool = c.get("pool")
+    return c["direction"], c["gpu_blocks"], c["host_blocks"], tuple(pool) if pool else None
 
 
 def _pack(item: Item, num_stages: int) -> tuple[torch.Tensor, torch.Tensor | None]:

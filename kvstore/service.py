@@ -43,6 +43,7 @@ class KVStoreServiceConfig:
     dtype: str = S.DTYPE()
     host_kv_blocks: int = S.HOST_KV_BLOCKS()
     host_kv_dir: str | None = S.HOST_KV_DIR()
+    tensor_parallel_size: int = S.TENSOR_PARALLEL_SIZE()  # every rank keeps its chunk of each host block
     max_copies_in_flight: int = S.MAX_COPIES_IN_FLIGHT()
     copy_timeout: float = S.COPY_TIMEOUT()
     heartbeat_interval: float = S.HEARTBEAT_INTERVAL()
@@ -73,7 +74,7 @@ class KVStoreService:
 
     async def start(self) -> None:
         c = self.config
-        bpb = kv_bytes_per_block(c.model, c.block_size, c.dtype)
+        bpb = kv_bytes_per_block(c.model, c.block_size, c.dtype, c.tensor_parallel_size)
         stale = await asyncio.to_thread(remove_stale_pools, c.host_kv_dir)
         if stale:
             log.info("removed stale host pools", files=[str(p) for p in stale])

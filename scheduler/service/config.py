@@ -44,6 +44,13 @@ class SchedulerServiceConfig:
     def uses_host_kv(self) -> bool:
         return self.kv_policy in ("proactive", "reactive")
 
+    def batches_in_flight(self, worker: WorkerInfo) -> int:
+        """A pipeline of P stages needs P batches in it, and one more queued
+        at its door so the first stage never waits for the scheduler."""
+        if worker.pipeline_parallel_size > 1:
+            return max(self.max_batches_in_flight, worker.pipeline_parallel_size + 1)
+        return self.max_batches_in_flight
+
 
 def build_core(config: SchedulerServiceConfig, worker: WorkerInfo):
     """The SchedulerCore for this replica, sized by what the worker has (the
@@ -54,12 +61,15 @@ def build_core(config: SchedulerServiceConfig, worker: WorkerInfo):
     from fastserve.scheduler.core.scheduler import SchedulerCore
 
     num_gpu = min(config.gpu_kv_blocks or worker.num_gpu_blocks, worker.num_gpu_blocks)
+    # On a pipeline of P stages a job's next token comes back from the last
+    # stage P iterations later: it runs in every P-th batch, P batches apart.
+    gap = worker.pipeline_parallel_size
     cost = CostModel.from_profile(config.profile) if config.profile else CostModel.default(worker.block_size)
     core_cfg = SchedulerCoreConfig(
         policy=config.policy, max_batch_size=config.max_batch_size,
         max_tokens_per_batch=config.max_tokens_per_batch, block_size=worker.block_size,
         num_gpu_blocks=num_gpu, num_host_blocks=0, max_model_len=worker.max_model_len,
         num_queues=config.num_queues, quantum_ratio=config.quantum_ratio, base_quantum=config.base_quantum,
-        starvation_threshold=config.starvation_threshold)
+        starvation_threshold=config.starvation_threshold, reschedule_gap=gap)
     kv_policy = make_kv_policy(config.kv_policy, watermark=config.watermark, reserve=config.reserve)
     return SchedulerCore(core_cfg, cost, kv_policy), num_gpu

@@ -219,7 +219,8 @@ class SchedulerService:
     def _fill_pipeline(self, now: float) -> None:
         c = self.config
         worker = self.peers.worker
-        while worker is not None and len(self._inflight) < c.max_batches_in_flight:
+        limit = c.batches_in_flight(worker.worker) if worker is not None else 0
+        while worker is not None and len(self._inflight) < limit:
             decision = self.core.schedule(now)
             self._send_plan(decision)
             if not decision.batch:

@@ -60,6 +60,12 @@ class NodeConfig:
     gpu_kv_blocks: int | None = S.GPU_KV_BLOCKS()
     host_kv_blocks: int = S.HOST_KV_BLOCKS()
     host_kv_dir: str | None = S.HOST_KV_DIR()
+    pipeline_parallel_size: int = S.PIPELINE_PARALLEL_SIZE()
+    tensor_parallel_size: int = S.TENSOR_PARALLEL_SIZE()
+    rank: int = S.RANK()
+    dist_init: str | None = S.DIST_INIT()
+    layer_split: tuple[int, ...] | None = S.LAYER_SPLIT()
+    dist_timeout: float = S.DIST_TIMEOUT()
     max_copies_in_flight: int = S.MAX_COPIES_IN_FLIGHT()
     copy_timeout: float = S.COPY_TIMEOUT()
     device: str = S.DEVICE()
@@ -74,9 +80,16 @@ class NodeConfig:
 
     def __post_init__(self) -> None:
         S.validate(self)
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank {self.rank} is outside a replica of {self.world_size} ranks "
+                             f"(--pipeline-parallel-size x --tensor-parallel-size)")
         if self.kv_policy in ("proactive", "reactive") and self.host_kv_blocks == 0:
             raise ValueError(f"kv_policy {self.kv_policy} moves KV to host memory: give --host-kv-blocks > 0 "
                              f"or use --kv-policy recompute|none")
+
+    @property
+    def world_size(self) -> int:
+        return self.pipeline_parallel_size * self.tensor_parallel_size
 
     @property
     def host_kv_enabled(self) -> bool:
@@ -117,6 +130,13 @@ class NodeConfig:
         return self.model
 
 
+def _die_with_parent() -> None:
+    """In a rank process `up` starts: killed when `up` dies, however it dies."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def pick(cls, source, **overrides):
     """Build config `cls` from the same-named fields of `source`."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -149,6 +169,7 @@ class Stack:
         self.services = tuple(services)
         self.gateway_overrides = gateway_overrides or {}
         self.kvstore = self.worker = self.scheduler = None
+        self.ranks: list = []  # the worker's other ranks, when the replica is split (processes)
         self.runner = None
         self.port: int | None = None
 
@@ -163,7 +184,10 @@ class Stack:
         if "worker" in self.services:
             from fastserve.gpu_worker.service import WorkerService
 
-            self.worker = WorkerService(cfg.worker_config(), self.bus)
+            worker_cfg = cfg.worker_config()
+            if cfg.world_size > 1:
+                worker_cfg = self._spawn_ranks(worker_cfg)
+            self.worker = WorkerService(worker_cfg, self.bus)
             starts.append(self.worker.start())
         if "scheduler" in self.services:
             from fastserve.scheduler.service.service import SchedulerService
@@ -176,6 +200,61 @@ class Stack:
         if "gateway" in self.services:
             await self._start_gateway()
         return self
+
+    def _spawn_ranks(self, worker_cfg):
+        """Ranks 1..P*T-1 of a split replica as processes of this machine
+        (`fastserve worker --rank R`); rank 0 is the worker service here."""
+        import dataclasses as dc
+        import subprocess
+
+        from fastserve.gpu_worker.launch import free_port
+
+        cfg = self.cfg
+        init = f"tcp://127.0.0.1:{free_port()}"
+        flags = ["--model", worker_cfg.model, "--pipeline-parallel-size", str(cfg.pipeline_parallel_size),
+                 "--tensor-parallel-size", str(cfg.tensor_parallel_size), "--dist-init", init,
+                 "--device", cfg.device, "--dtype", cfg.dtype, "--block-size", str(cfg.block_size),
+                 "--dist-timeout", str(cfg.dist_timeout), "--log-level", cfg.log_level]
+        if cfg.gpu_kv_blocks is not None:
+            flags += ["--gpu-kv-blocks", str(cfg.gpu_kv_blocks)]
+        if cfg.layer_split:
+            flags += ["--layer-split", ",".join(map(str, cfg.layer_split))]
+        for rank in range(1, cfg.world_size):
+            self.ranks.append(subprocess.Popen([sys.executable, "-m", "fastserve.cli", "worker", "--rank", str(rank),
+                                                *flags], preexec_fn=_die_with_parent))
+        return dc.replace(worker_cfg, dist_init=init)
+
+    async def restart_broken_worker(self) -> bool:
+        """A split replica whose group broke (a rank died) is started again,
+        all its ranks: its jobs continue by recompute (the scheduler saw the
+        worker go). True when it did so."""
+        if self.worker is None or not self.worker.broken:
+            return False
+        from fastserve.gpu_worker.service import WorkerService
+
+        log.warning("worker group broken: starting it again", ranks=len(self.ranks) + 1)
+        try:
+            await self.worker.stop()
+        except Exception:  # noqa: BLE001 - it is broken; what matters is the new one
+            log.exception("stopping the broken worker failed")
+        for proc in self.ranks:
+            proc.kill()
+            await asyncio.to_thread(proc.wait)
+        self.ranks = []
+        worker_cfg = self.cfg.worker_config()
+        if self.cfg.world_size > 1:
+            worker_cfg = self._spawn_ranks(worker_cfg)
+        self.worker = WorkerService(worker_cfg, self.bus)
+        await self.worker.start()
+        return True
+
+    async def supervise(self, stop: asyncio.Event, interval: float = 1.0) -> None:
+        """Until `stop`: restart a worker group that broke (`fastserve up`)."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), interval)
+            except asyncio.TimeoutError:
+                await self.restart_broken_worker()
 
     async def _start_gateway(self) -> None:
         from aiohttp import web
@@ -207,6 +286,11 @@ class Stack:
                     except Exception:  # noqa: BLE001 - the next ones must still stop
                         log.exception("service stop failed", service=type(svc).__name__)
         finally:
+            for proc in self.ranks:  # the leader's close() has stopped their loops: they exit
+                try:
+                    await asyncio.to_thread(proc.wait, 20)
+                except Exception:  # noqa: BLE001 - a rank that does not exit is killed
+                    proc.kill()
             if self.kvstore is not None:
                 try:
                     await self.kvstore.stop()
@@ -238,6 +322,8 @@ def register(subparsers) -> None:
 def _main(command: str, args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(NodeConfig, args)
+        if command == "worker" and cfg.rank > 0:
+            return _serve_rank(cfg)
         if command == "up" and not cfg.model:
             cfg = config_from_args(NodeConfig, args, model=str(ensure_default_model(cfg.model_cache)))
         if command != "up" and cfg.broker.startswith("memory://"):
@@ -255,6 +341,28 @@ def _main(command: str, args: argparse.Namespace) -> int:
     return asyncio.run(_serve(cfg, services))
 
 
+def _serve_rank(cfg: NodeConfig) -> int:
+    """`fastserve worker --rank R` (R > 0): one rank of a split replica. It
+    needs no broker: it gets its work from rank 0 (the worker service) over
+    torch.distributed, and serves until rank 0 closes the replica."""
+    from fastserve.common.logging import setup_logging
+    from fastserve.gpu_worker.launch import launch_rank, shutdown_distributed
+
+    if not cfg.model:
+        raise ConfigError("--model (or FASTSERVE_MODEL) is required")
+    setup_logging(f"worker-rank{cfg.rank}", cfg.log_level)
+    part = launch_rank(cfg.model, cfg.pipeline_parallel_size, cfg.tensor_parallel_size, cfg.rank, cfg.dist_init,
+                       device=cfg.device, timeout=cfg.dist_timeout, layer_split=cfg.layer_split, dtype=cfg.dtype,
+                       block_size=cfg.block_size, num_gpu_blocks=cfg.gpu_kv_blocks)
+    log.info("worker rank serving", rank=cfg.rank, stage=part.ctx.stage, tp_rank=part.ctx.tp_rank,
+             layers=part.engine.shard.num_layers)
+    try:
+        part.serve()
+    finally:
+        shutdown_distributed(part.ctx)
+    return 0
+
+
 async def _serve(cfg: NodeConfig, services: tuple[str, ...]) -> int:
     from fastserve.common.bus import make_bus
 
@@ -270,6 +378,8 @@ async def _serve(cfg: NodeConfig, services: tuple[str, ...]) -> int:
         if "gateway" in services:
             print(f"fastserve: serving {cfg.model_name()!r} at {stack.base_url}/v1 "
                   f"(policy {cfg.policy}, broker {cfg.broker.split('@')[-1]})", file=sys.stderr)
+        if "worker" in services and cfg.world_size > 1:
+            await stack.supervise(stop)
         await stop.wait()
     finally:
         try:
