@@ -23,6 +23,9 @@ def register(subparsers) -> None:
     p.add_argument("--copy-bandwidth", type=float, default=16e9, help="KV copy bandwidth, bytes/s per direction")
     p.add_argument("--watermark", type=float, default=0.05, help="proactive: offload below this free fraction")
     p.add_argument("--reserve", type=float, default=0.10, help="proactive: uploads keep this free fraction")
+    p.add_argument("--pipeline-parallel-size", type=int, default=1,
+                   help="pipeline stages of the replica (P batches in the pipe; stage bubbles simulated)")
+    p.add_argument("--stage-transfer", type=float, default=0.0, help="seconds per pipeline hop (activations)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-tokens-per-batch", type=int, default=2048)
     p.add_argument("--num-queues", type=int, default=10)
@@ -127,7 +130,8 @@ def _sim_main(args: argparse.Namespace) -> int:
     def run(policy: str, rate: float | None):
         cfg = SimConfig(policy=policy, kv_policy=args.kv_policy, gpu_kv_blocks=args.gpu_kv_blocks,
                         host_kv_blocks=args.host_kv_blocks, copy_bandwidth=args.copy_bandwidth,
-                        watermark=args.watermark, reserve=args.reserve, core=core_opts)
+                        watermark=args.watermark, reserve=args.reserve, core=core_opts,
+                        pipeline_parallel_size=args.pipeline_parallel_size, stage_transfer=args.stage_transfer)
         return simulate(jobs_at(rate), cfg, cost)
 
     out: dict[str, dict] = {}

@@ -13,6 +13,7 @@ to time offload/upload copies.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import json
 import math
@@ -158,6 +159,16 @@ class CostModel:
         if n_dec:
             t += self.decode_time(n_dec, ctx / n_dec) - self.overhead
         return t
+
+    def per_stage(self, pipeline_parallel_size: int) -> "CostModel":
+        """The cost of one of P balanced pipeline stages: what an iteration
+        costs the pipeline's pace (and so what a job is charged per iteration)."""
+        if pipeline_parallel_size == 1:
+            return self
+        f = 1.0 / pipeline_parallel_size
+        return dataclasses.replace(self, prefill_seconds=tuple(x * f for x in self.prefill_seconds),
+                                   decode_coef=tuple(x * f for x in self.decode_coef),
+                                   name=f"{self.name} / {pipeline_parallel_size} stages")
 
     def copy_time(self, num_blocks: int, bandwidth: float) -> float:
         """Seconds to move num_blocks KV blocks at `bandwidth` bytes/s."""

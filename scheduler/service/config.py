@@ -65,6 +65,9 @@ def build_core(config: SchedulerServiceConfig, worker: WorkerInfo):
     # stage P iterations later: it runs in every P-th batch, P batches apart.
     gap = worker.pipeline_parallel_size
     cost = CostModel.from_profile(config.profile) if config.profile else CostModel.default(worker.block_size)
+    # A job is charged one stage's time per iteration (the worker reports the
+    # slowest stage): quanta and skip-join must be in the same unit.
+    cost = cost.per_stage(worker.pipeline_parallel_size)
     core_cfg = SchedulerCoreConfig(
         policy=config.policy, max_batch_size=config.max_batch_size,
         max_tokens_per_batch=config.max_tokens_per_batch, block_size=worker.block_size,

@@ -46,6 +46,11 @@ class SimConfig:
     # force when it starts. Replays a measured run's drift (a shared machine
     # slowing down) to tell it apart from modelling errors. None: constant.
     slowdown: list[tuple[float, float]] | None = None
+    # A replica split over P pipeline stages (scheduler/sim/pipeline.py):
+    # each stage takes 1/P of a batch's time, activations take
+    # `stage_transfer` seconds per hop, up to P batches are in the pipe.
+    pipeline_parallel_size: int = 1
+    stage_transfer: float = 0.0
     core: dict = field(default_factory=dict)  # extra SchedulerCoreConfig fields
 
 
@@ -64,8 +69,10 @@ def build_core(cfg: SimConfig, cost: CostModel) -> SchedulerCore:
     """`cost`: the model the scheduler decides with (not necessarily the one timing the iterations)."""
     gpu = cfg.gpu_kv_blocks or UNLIMITED_BLOCKS
     host = cfg.host_kv_blocks if cfg.host_kv_blocks is not None else 4 * gpu
+    P = cfg.pipeline_parallel_size
+    options = dict(cfg.core, reschedule_gap=P) if P > 1 else cfg.core
     core_cfg = SchedulerCoreConfig(policy=cfg.policy, block_size=cost.block_size, num_gpu_blocks=gpu,
-                                   num_host_blocks=host, max_model_len=MAX_TOTAL, **cfg.core)
+                                   num_host_blocks=host, max_model_len=MAX_TOTAL, **options)
     return SchedulerCore(core_cfg, cost, make_kv_policy(cfg.kv_policy, watermark=cfg.watermark, reserve=cfg.reserve))
 
 
@@ -73,6 +80,10 @@ def simulate(jobs: list[TraceJob], cfg: SimConfig, cost: CostModel,
              policy_cost: CostModel | None = None) -> SimResult:
     """`cost` times the iterations and copies; `policy_cost` (default: `cost`)
     is the scheduler's own model, as the service builds it from its profile."""
+    if cfg.pipeline_parallel_size > 1:
+        from fastserve.scheduler.sim.pipeline import simulate_pipeline
+
+        return simulate_pipeline(jobs, cfg, cost, policy_cost)
     if cfg.control_overhead < 0:
         raise ValueError(f"control_overhead must be >= 0, got {cfg.control_overhead}")
     core = build_core(cfg, policy_cost or cost)
