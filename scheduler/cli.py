@@ -81,8 +81,9 @@ def _bench_main(args: argparse.Namespace) -> int:
             print(f" {regime}:")
             for n, r in res[regime]["waiting"].items():
                 print(f"  waiting {int(n):>7}: p50 {r['p50_us']:8.1f} us   p99 {r['p99_us']:8.1f} us   "
-                      f"swapped {r['mean_jobs_swapped']:6.1f}")
-            print(f"  p99 growth, largest vs smallest: {res[regime]['p99_ratio_largest_vs_smallest']:.2f}x")
+                      f"swapped {r['mean_jobs_swapped']:6.1f}   snapshot p99 {r['snapshot_p99_us']:8.1f} us")
+            print(f"  p99 growth, largest vs smallest: {res[regime]['p99_ratio_largest_vs_smallest']:.2f}x "
+                  f"(snapshot {res[regime]['snapshot_p99_ratio_largest_vs_smallest']:.2f}x)")
     return 0
 
 

@@ -9,6 +9,10 @@ Two memory regimes, each measured at every size:
   jobs sit swapped out and moves are always in flight, so the placement policy
   works every iteration.
 Copy reports (copy_done) are inside the timed region: they are the core's work.
+
+Every `snapshot_every` iterations the dashboard's snapshot of the core
+(core.snapshot()) is taken outside the timed region and timed on its own: its
+cost must not grow with the number of waiting jobs either.
 """
 from __future__ import annotations
 
@@ -32,7 +36,8 @@ REGIMES = {
 
 
 def bench_one(waiting: int, batch: int, *, policy: str = "sj-mlfq", kv_policy: str = "proactive",
-              regime: str = "roomy", iterations: int = 2000, warmup: int = 100, seed: int = 0) -> dict:
+              regime: str = "roomy", iterations: int = 2000, warmup: int = 100, seed: int = 0,
+              snapshot_every: int = 10) -> dict:
     cost = CostModel.default()
     r = REGIMES[regime]
     cfg = SchedulerCoreConfig(policy=policy, max_batch_size=batch, num_gpu_blocks=max(r["num_gpu_blocks"], batch * 16),
@@ -60,6 +65,7 @@ def bench_one(waiting: int, batch: int, *, policy: str = "sj-mlfq", kv_policy: s
     gc.freeze()
     now = 0.0
     samples = []
+    snapshots = []
     swapped = []
     for it in range(warmup + iterations):
         t0 = time.perf_counter_ns()
@@ -85,13 +91,19 @@ def bench_one(waiting: int, batch: int, *, policy: str = "sj-mlfq", kv_policy: s
         for jid in finished:
             del out[jid], gen[jid]
             arrive(now)
+        if it >= warmup and it % snapshot_every == 0:
+            t4 = time.perf_counter_ns()
+            core.snapshot()
+            snapshots.append((time.perf_counter_ns() - t4) / 1e3)
     gc.unfreeze()
     a = np.array(samples)
+    snap = np.array(snapshots)
     return {"p50_us": float(np.percentile(a, 50)), "p99_us": float(np.percentile(a, 99)),
             "mean_us": float(a.mean()), "max_us": float(a.max()), "iterations": iterations,
             "jobs_in_core_at_end": core.num_jobs, "finished": core.stats.finished,
             "mean_jobs_swapped": float(np.mean(swapped)), "swaps": core.stats.swaps,
-            "promotions": core.stats.promotions, "demotions": core.stats.demotions}
+            "promotions": core.stats.promotions, "demotions": core.stats.demotions,
+            "snapshot_p50_us": float(np.percentile(snap, 50)), "snapshot_p99_us": float(np.percentile(snap, 99))}
 
 
 def bench_scheduler(sizes: list[int], batch: int, regimes: tuple[str, ...] = tuple(REGIMES), **kw) -> dict:
@@ -100,5 +112,6 @@ def bench_scheduler(sizes: list[int], batch: int, regimes: tuple[str, ...] = tup
         res = {str(n): bench_one(n, batch, regime=regime, **kw) for n in sizes}
         small, large = res[str(min(sizes))], res[str(max(sizes))]
         # The baseline is the smallest size, measured in the same run.
-        out[regime] = {"waiting": res, "p99_ratio_largest_vs_smallest": large["p99_us"] / small["p99_us"]}
+        out[regime] = {"waiting": res, "p99_ratio_largest_vs_smallest": large["p99_us"] / small["p99_us"],
+                       "snapshot_p99_ratio_largest_vs_smallest": large["snapshot_p99_us"] / small["snapshot_p99_us"]}
     return out
