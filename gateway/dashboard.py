@@ -228,13 +228,16 @@ async def snapshot(request: web.Request) -> web.Response:
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
+    from fastserve.gateway.app import ACCESS
+
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
     try:
         async for payload in _dashboard(request).updates():
             await resp.write(b"data: " + payload + b"\n\n")
-    except ConnectionResetError:
-        return resp  # the viewer went away
+    except (ConnectionResetError, asyncio.CancelledError):
+        request[ACCESS]["client_gone"] = True  # the viewer went away (aiohttp cancels the handler)
+        raise
     with contextlib.suppress(ConnectionResetError):
         await resp.write_eof()
     return resp

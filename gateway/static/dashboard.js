@@ -71,19 +71,20 @@ function drawLanes(c, replica) {
       let m = c.marks.get(job.job_id);
       if (!m) {
         m = document.createElement("div");
-        m.className = "mark gone";
-        m.style.transform = `translate(${LABEL_W}px, ${top}px)`;
+        m.className = "mark";
+        m.style.transform = `translate(${LABEL_W}px, ${top}px)`;  // enters at the start of its lane
         lanes.appendChild(m);
         c.marks.set(job.job_id, m);
-        requestAnimationFrame(() => m.classList.remove("gone"));
       }
       const x = LABEL_W + (k % perRow) * (MARK_W + GAP), y = top + Math.floor(k / perRow) * (MARK_H + GAP);
-      m.style.transform = `translate(${x}px, ${y}px)`;
-      m.className = "mark " + job.state;
+      // Only what changed is written: every write costs the browser a style pass.
+      const place = `translate(${x}px, ${y}px)`;
+      if (m.style.transform !== place) m.style.transform = place;
+      if (m.dataset.state !== job.state) m.className = "mark " + job.state;
       m.dataset.job = job.job_id;
       m.dataset.level = job.level;
       m.dataset.state = job.state;
-      m.textContent = job.generated;
+      if (m.textContent !== String(job.generated)) m.textContent = job.generated;
       m.title = `${job.job_id}\n${job.state} · KV ${job.kv}\n${job.generated} tokens, prompt ${job.prompt_len}\n` +
         `charge ${fmtSeconds(job.charge)} in Q${job.level} (joined Q${job.join_level})`;
     });
