@@ -22,6 +22,15 @@ run measured (profile_from_steps), the loop's control overhead apart, and the
 scheduler deciding by its own profile as the service does. `--trace-out`
 keeps per-job and per-iteration traces of the real core and the simulator
 for benchmarks/sim_calibration.py.
+
+During each run the gateway's /dashboard/snapshot is read 4 times a second:
+the report's `queues` is how many jobs sat in each MLFQ level over time.
+Several rates (`--rate 2,4,8`) and, with --spawn, several policies
+(`--policy sj-mlfq,fcfs`) make one run each and a report {"runs": [...]}.
+`--out X.json` also draws beside it (matplotlib, `pip install
+'fastserve[plot]'`): X.occupancy.png (jobs per level over the first run)
+and, with several rates, X.png (normalized latency and TTFT against the rate
+per policy, with the SLO line).
 """
 from __future__ import annotations
 
@@ -123,8 +132,37 @@ def summarize(results: list[Result], wall: float) -> dict:
     }
 
 
+QUEUE_SAMPLE_EVERY = 0.25  # seconds between reads of /dashboard/snapshot
+
+
+async def sample_queues(http, url: str, headers: dict, t0: float, out: dict, stop: asyncio.Event) -> None:
+    """Jobs per MLFQ level (all replicas together) and the SLO, from the dashboard, until `stop`."""
+    import aiohttp
+
+    while not stop.is_set():
+        try:
+            async with http.get(f"{url}/dashboard/snapshot", headers=headers) as r:
+                view = await r.json() if r.status == 200 else None
+        except aiohttp.ClientError:
+            view = None
+        if view and view["replicas"]:
+            per_level = [0] * max(len(r["levels"]) for r in view["replicas"])
+            for rep in view["replicas"]:
+                for lv in rep["levels"]:
+                    per_level[lv["level"]] += lv["num_jobs"]
+            out["t"].append(round(time.perf_counter() - t0, 3))
+            out["jobs_per_level"].append(per_level)
+            out["slo"] = view["replicas"][0]["slo"]
+        try:
+            await asyncio.wait_for(stop.wait(), QUEUE_SAMPLE_EVERY)
+        except asyncio.TimeoutError:
+            pass
+
+
 async def run_load(url: str, jobs: list, *, api_key: str | None = None, seed: int = 0, progress: bool = True,
-                   concurrency_limit: int = 10000, on_start=None) -> tuple[list[Result], float]:
+                   concurrency_limit: int = 10000, on_start=None,
+                   queues: dict | None = None) -> tuple[list[Result], float]:
+    """`queues`: filled with the jobs per level over the run ({"t": [], "jobs_per_level": []} to start)."""
     import aiohttp
     from tqdm import tqdm
 
@@ -148,9 +186,16 @@ async def run_load(url: str, jobs: list, *, api_key: str | None = None, seed: in
             bar.update(1)
             return r
 
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(sample_queues(http, url, headers, t0, queues, stop)) if queues is not None \
+            else None
         results = await asyncio.gather(*(one(i, j) for i, j in enumerate(jobs)))
+        wall = time.perf_counter() - t0
+        stop.set()
+        if sampler is not None:
+            await sampler
         bar.close()
-        return list(results), time.perf_counter() - t0
+        return list(results), wall
 
 
 def profile_from_steps(step_log, offline: dict, prefill: str = "in-situ", min_prefill_steps: int = 5) -> dict | None:
@@ -313,7 +358,7 @@ class _Entry:
     num_computed: int
 
 
-async def spawn_and_run(args, jobs) -> tuple[list[Result], float, dict]:
+async def spawn_and_run(args, jobs, queues: dict | None = None) -> tuple[list[Result], float, dict]:
     from fastserve.common.bus_memory import MemoryBus
     from fastserve.common.logging import setup_logging
     from fastserve.launcher import NodeConfig, Stack, ensure_default_model
@@ -335,7 +380,7 @@ async def spawn_and_run(args, jobs) -> tuple[list[Result], float, dict]:
         await _wait_health(stack.base_url)
         tracer = CoreTracer(stack.scheduler.core) if args.trace_out else None
         results, wall = await run_load(stack.base_url, jobs, seed=args.seed, progress=not args.quiet,
-                                       on_start=tracer.set_t0 if tracer else None)
+                                       on_start=tracer.set_t0 if tracer else None, queues=queues)
         loop = stack.scheduler.times.summary()
         loop["preemptions"] = stack.scheduler.core.stats.preemptions
         loop["offloads"] = stack.scheduler.core.stats.offloads
@@ -385,13 +430,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-key")
     p.add_argument("--workload", default="alpaca", help="sharegpt | alpaca | trace.jsonl")
     p.add_argument("--num-jobs", type=int, default=100)
-    p.add_argument("--rate", type=float, default=4.0, help="mean arrivals per second")
+    p.add_argument("--rate", default="4", help="mean arrivals per second; comma-separated: one run each")
     p.add_argument("--cv", type=float, default=1.0, help="output-length coefficient of variation")
     p.add_argument("--arrival-cv", type=float, default=1.0, help="1: Poisson; >1 burstier (Gamma)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every length (CPU-sized runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sim", action="store_true", help="also simulate the same trace and policy")
-    p.add_argument("--out", help="write the JSON report here too")
+    p.add_argument("--out", help="write the JSON report here too, and its plots beside it (X.json -> X.*.png)")
     p.add_argument("--trace-out", help="with --spawn: write per-job and per-iteration traces of the real run "
                                        "(and with --sim, of each simulation) to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -401,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--broker", help="with --spawn: amqp://... to put the services on RabbitMQ (default: in-memory bus)")
     p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--policy", default="sj-mlfq", choices=["sj-mlfq", "mlfq", "fcfs"])
+    p.add_argument("--policy", default="sj-mlfq", help="sj-mlfq | mlfq | fcfs; comma-separated: one run each")
     p.add_argument("--kv-policy", default="proactive")
     p.add_argument("--max-batches-in-flight", type=int, default=2)
     p.add_argument("--max-batch-size", type=int, default=32)
@@ -414,17 +459,44 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.url and not args.spawn:
         p.error("give --url of a running gateway, or --spawn")
+    try:
+        rates = [float(x) for x in args.rate.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--rate: expected numbers, got {args.rate!r}")
+    policies = [x.strip() for x in args.policy.split(",") if x.strip()]
+    if not rates or any(r <= 0 for r in rates) or not policies:
+        p.error("--rate and --policy need at least one value (rates > 0)")
+    if any(x not in ("sj-mlfq", "mlfq", "fcfs") for x in policies):
+        p.error(f"--policy: choose from sj-mlfq, mlfq, fcfs, got {args.policy!r}")
+    if len(policies) > 1 and not args.spawn:
+        p.error("several policies need --spawn (a running gateway has one)")
+    if len(rates) * len(policies) > 1 and (args.sim or args.trace_out):
+        p.error("--sim and --trace-out take one rate and one policy")
+    runs = [_run_one(argparse.Namespace(**{**vars(args), "rate": r, "policy": pol}))
+            for pol in policies for r in rates]
+    report = runs[0] if len(runs) == 1 else {"runs": runs}
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        _plots(args.out, runs)
+    return 0 if all(r["real"]["errors"] == 0 for r in runs) else 1
+
+
+def _run_one(args) -> dict:
     jobs = load_jobs(args)
     report: dict = {"workload": args.workload, "num_jobs": len(jobs), "rate": args.rate, "scale": args.scale,
                     "policy": args.policy if args.spawn else None,
                     "bus": (args.broker or "memory://").split("@")[-1] if args.spawn else None}
+    queues: dict = {"every_s": QUEUE_SAMPLE_EVERY, "t": [], "jobs_per_level": [], "slo": None}
     if args.spawn:
-        results, wall, loop = asyncio.run(spawn_and_run(args, jobs))
+        results, wall, loop = asyncio.run(spawn_and_run(args, jobs, queues))
         report["scheduler_loop"] = loop
     else:
         results, wall = asyncio.run(run_load(args.url, jobs, api_key=args.api_key, seed=args.seed,
-                                             progress=not args.quiet))
+                                             progress=not args.quiet, queues=queues))
     report["real"] = summarize(results, wall)
+    report["queues"] = queues
     loop = report.get("scheduler_loop", {})
     step_log = loop.pop("step_log", None)
     traces = {"real": loop.pop("trace", None), "step_log": step_log}
@@ -449,13 +521,36 @@ def main(argv: list[str] | None = None) -> int:
             traces[name] = sim_trace(res)
             if real_jct:
                 report[name]["mean_jct_error_vs_real"] = (sim["mean_jct"] - real_jct) / real_jct
-    text = json.dumps(report, indent=1)
-    print(text)
     if args.trace_out:
         Path(args.trace_out).write_text(json.dumps({"args": vars(args), "report": report, "traces": traces}) + "\n")
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0 if report["real"]["errors"] == 0 else 1
+    return report
+
+
+def _plots(out: str, runs: list[dict]) -> None:
+    """Beside the JSON: jobs per level over the first run; with several rates,
+    latency and TTFT against the rate per policy, with the SLO line."""
+    from fastserve.scheduler.sim.plot import PlotUnavailable, plot_occupancy, plot_rates
+
+    stem = Path(out).with_suffix("")
+    first = runs[0]
+    title = f"{first['workload']} x{first['scale']} ({first['num_jobs']} jobs)"
+    try:
+        q = first["queues"]
+        if q["t"]:
+            plot_occupancy(f"{stem}.occupancy.png", q["t"], q["jobs_per_level"],
+                           f"{title}, {first['policy'] or 'served'} at {first['rate']:g} req/s: jobs per queue")
+        if len({r["rate"] for r in runs}) > 1:
+            norm: dict[str, list] = {}
+            ttft: dict[str, list] = {}
+            for r in runs:
+                name = r["policy"] or "served"
+                norm.setdefault(name, []).append((r["rate"], r["real"]["norm_latency_s_per_token"].get("mean")))
+                ttft.setdefault(name, []).append((r["rate"], r["real"]["ttft_s"].get("mean")))
+            norm = {k: [p for p in v if p[1] is not None] for k, v in norm.items()}
+            ttft = {k: [p for p in v if p[1] is not None] for k, v in ttft.items()}
+            plot_rates(f"{stem}.png", norm, ttft, first["queues"]["slo"], f"{title}: served")
+    except PlotUnavailable as exc:
+        print(f"loadgen: {exc}; {out} is written, the plots are not", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Routing model (the same on RabbitMQ and on the in-memory bus):
 - Point-to-point messages go through the default exchange ("") with the queue
   name as routing key: `bus.publish(names.JOB_QUEUE, body)`.
 - Broadcasts go to a topic exchange; each listener binds its own exclusive
-  queue: heartbeats and scheduler stats on EVENTS_EXCHANGE, job cancels on
+  queue: heartbeats, scheduler stats and snapshots on EVENTS_EXCHANGE, job cancels on
   CONTROL_EXCHANGE (the gateway does not know which replica holds a job).
 - Every queue we declare dead-letters into DLX_EXCHANGE -> DEAD_LETTER_QUEUE.
 """
@@ -29,8 +29,10 @@ KV_EXCHANGE = f"{PREFIX}.kv"
 # Routing keys on EVENTS_EXCHANGE.
 HEARTBEAT_KEY_PREFIX = "heartbeat"  # heartbeat.<service>.<instance_id>
 STATS_KEY_PREFIX = "stats"  # stats.<instance_id>
+SNAPSHOT_KEY_PREFIX = "snapshot"  # snapshot.<instance_id>: the dashboard's SchedulerSnapshot
 HEARTBEAT_PATTERN = "heartbeat.#"
 STATS_PATTERN = "stats.#"
+SNAPSHOT_PATTERN = "snapshot.#"
 
 # Routing keys on CONTROL_EXCHANGE.
 CANCEL_KEY = "cancel"
@@ -44,6 +46,10 @@ def stats_key(instance_id: str) -> str:
     return f"{STATS_KEY_PREFIX}.{instance_id}"
 
 
+def snapshot_key(instance_id: str) -> str:
+    return f"{SNAPSHOT_KEY_PREFIX}.{instance_id}"
+
+
 def reply_queue(gateway_id: str) -> str:
     """Exclusive per-gateway queue that token events for its jobs come back on."""
     return f"{PREFIX}.reply.{gateway_id}"
@@ -52,6 +58,11 @@ def reply_queue(gateway_id: str) -> str:
 def events_queue(instance_id: str) -> str:
     """Exclusive per-instance queue bound to EVENTS_EXCHANGE (heartbeats, stats)."""
     return f"{PREFIX}.events.{instance_id}"
+
+
+def dashboard_queue(gateway_id: str) -> str:
+    """Exclusive per-gateway queue bound to EVENTS_EXCHANGE for SchedulerSnapshots."""
+    return f"{PREFIX}.dashboard.{gateway_id}"
 
 
 def control_queue(instance_id: str) -> str:

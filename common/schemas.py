@@ -410,6 +410,117 @@ class SchedulerStats(Message):
     step_seconds: float = 0.0  # cumulative: the worker's engine step time
 
 
+# ---------------------------------------------------------------- the dashboard's picture of a replica
+
+@struct
+@dataclass(slots=True)
+class SnapshotJob:
+    """One job as the dashboard draws it. `state`: "running" (in the latest
+    batch), "in_flight" (an earlier iteration of it is still at the worker),
+    "waiting", "host" (its KV offloaded to host memory) or "moving" (a KV copy
+    in flight; `kv` says which way: "to_host" or "to_gpu"). `kv`: where its KV
+    is ("none", "gpu", "host", "to_host", "to_gpu")."""
+
+    job_id: str
+    level: int
+    state: str
+    kv: str
+    generated: int  # tokens sampled so far (results back)
+    charge: float  # seconds of service charged in its current level
+    join_level: int  # the level it joined on arrival (skip-join)
+    prompt_len: int
+
+
+@struct
+@dataclass(slots=True)
+class SnapshotLevel:
+    """One MLFQ level: its first jobs in priority order (and every job of the
+    latest batch), `more` the jobs of the level not listed."""
+
+    level: int
+    quantum: float | None  # seconds; None: never demoted out (the last level, fcfs, srpt)
+    num_jobs: int
+    more: int
+    jobs: list[SnapshotJob] = field(default_factory=list)
+
+
+@struct
+@dataclass(slots=True)
+class SnapshotKV:
+    gpu_used: int
+    gpu_total: int
+    host_used: int
+    host_total: int
+    offloading: int  # copies GPU -> host in flight
+    uploading: int  # copies host -> GPU in flight
+
+
+@struct
+@dataclass(slots=True)
+class SnapshotCounters:
+    """Cumulative since the scheduler started: rates come from differences."""
+
+    admitted: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    preemptions: int = 0
+    demotions: int = 0
+    promotions: int = 0
+    offloads: int = 0
+    uploads: int = 0
+    drops: int = 0
+
+
+@struct
+@dataclass(slots=True)
+class CoreSnapshot:
+    """What the scheduler core holds, bounded (scheduler/core/snapshot.py)."""
+
+    iteration: int
+    slo: float  # seconds per output token (mean normalized latency target)
+    num_jobs: int
+    num_running: int
+    levels: list[SnapshotLevel]
+    kv: SnapshotKV
+    counters: SnapshotCounters
+
+
+@struct
+@dataclass(slots=True)
+class LoopTotals:
+    """Cumulative timings of the scheduler's loop (scheduler/service/loop_stats.py).
+    Per iteration: `step` is the worker's engine step, `schedule` the
+    scheduler's own work (schedule(), update(), building the command), and
+    round trip - step the time command and result spent on the bus."""
+
+    iterations: int = 0
+    tokens: int = 0  # tokens the worker sampled
+    step_seconds: float = 0.0
+    schedule_seconds: float = 0.0
+    round_trip_seconds: float = 0.0
+    back_to_back: int = 0  # iterations whose result followed the previous one without an idle gap
+    wall_seconds: float = 0.0  # result-to-result time of those iterations
+    snapshot_seconds: float = 0.0  # building these snapshots
+    snapshots: int = 0
+
+
+@message
+@dataclass(slots=True)
+class SchedulerSnapshot(Message):
+    """A scheduler's queues, KV placement and loop timings, a few times a
+    second, for the dashboard (-> EVENTS_EXCHANGE, names.snapshot_key)."""
+
+    instance_id: str
+    ts: float  # time.time()
+    core: CoreSnapshot
+    loop: LoopTotals
+    replica: str = ""
+    model: str = ""
+    policy: str = ""
+    kv_policy: str = ""
+    max_batch_size: int = 0
+
+
 # ---------------------------------------------------------------- scheduler <-> worker
 
 @struct

@@ -10,10 +10,13 @@ on startup, cancels its subscriptions on cleanup, and never closes the bus
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import orjson
 import structlog
@@ -29,6 +32,9 @@ from fastserve.gateway.chat import render_chat
 from fastserve.gateway.errors import APIError, bad
 from fastserve.gateway.protocol import as_int, check_model
 
+if TYPE_CHECKING:
+    from fastserve.gateway.dashboard import Dashboard
+
 log = structlog.get_logger("fastserve.gateway")
 # What the access-log line of a request says beyond method, path and status
 # (handlers add the request id, token counts, finish reason).
@@ -42,6 +48,7 @@ class GatewayState:
     model: ModelInfo
     metrics: Metrics
     tracker: JobTracker
+    dashboard: Dashboard
 
 
 STATE = web.AppKey("state", GatewayState)
@@ -89,18 +96,40 @@ async def access_log(request: web.Request, handler):
                  seconds=round(time.monotonic() - t0, 4), **fields)
 
 
+def _is_dashboard(path: str) -> bool:
+    return path == "/dashboard" or path.startswith("/dashboard/")
+
+
+def _presented_key(request: web.Request) -> str | None:
+    """The API key of a request: `Authorization: Bearer KEY`, or on the
+    dashboard's paths also HTTP Basic auth with KEY as the password (what a
+    browser sends after asking for it)."""
+    auth = request.headers.get("Authorization", "")
+    if auth.startswith("Bearer "):
+        return auth[7:]
+    if auth.startswith("Basic ") and _is_dashboard(request.path):
+        try:
+            return base64.b64decode(auth[6:], validate=True).decode().partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+    return None
+
+
 @web.middleware
 async def errors_and_auth(request: web.Request, handler):
     state = request.app[STATE]
     try:
-        if state.config.api_keys and (request.path.startswith("/v1/") or request.path in ("/tokenize", "/detokenize")):
-            auth = request.headers.get("Authorization", "")
-            key = auth[7:] if auth.startswith("Bearer ") else None
-            if key is None:
-                raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.",
-                               "invalid_request_error", None, "invalid_api_key")
-            if key not in state.config.api_keys:
-                raise APIError(401, "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key")
+        path = request.path
+        if state.config.api_keys and (path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
+                                      or _is_dashboard(path)):
+            key = _presented_key(request)
+            if key is None or key not in state.config.api_keys:
+                err = APIError(401, "Missing API key: send 'Authorization: Bearer <key>'." if key is None
+                               else "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key")
+                resp = error_response(err, state)
+                if _is_dashboard(path):
+                    resp.headers["WWW-Authenticate"] = 'Basic realm="fastserve dashboard", charset="UTF-8"'
+                return resp
         return await handler(request)
     except APIError as err:
         return error_response(err, state)
@@ -211,11 +240,13 @@ async def detokenize(request: web.Request) -> web.Response:
 
 def create_app(config: GatewayConfig, bus: Bus, *, model: ModelInfo | None = None,
                metrics: Metrics | None = None) -> web.Application:
+    from fastserve.gateway import dashboard
     from fastserve.gateway.serving import chat_completions, completions
 
     model = model or ModelInfo.load(config.model, config.served_model_name)
     metrics = metrics or Metrics(model.name)
-    state = GatewayState(config, bus, model, metrics, JobTracker(config, bus, metrics))
+    state = GatewayState(config, bus, model, metrics, JobTracker(config, bus, metrics),
+                         dashboard.Dashboard(bus, config.instance_id, model.name, config.health_timeout))
     app = web.Application(middlewares=[access_log, errors_and_auth], client_max_size=32 * 1024 * 1024)
     app[STATE] = state
     # Every route here is described in gateway/openapi.py (a test checks both lists agree).
@@ -231,17 +262,21 @@ def create_app(config: GatewayConfig, bus: Bus, *, model: ModelInfo | None = Non
     app.router.add_get("/openapi.json", openapi)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
+    dashboard.add_routes(app)
     app.cleanup_ctx.append(_bus_lifecycle)
+    app.on_shutdown.append(lambda app: app[STATE].dashboard.close_streams())
     return app
 
 
 async def _bus_lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     await state.tracker.start()
+    await state.dashboard.start()
     tasks = [asyncio.create_task(state.tracker.run_cancel_sender(), name="gateway-cancel-sender"),
              asyncio.create_task(state.tracker.run_heartbeat(), name="gateway-heartbeat"),
              asyncio.create_task(state.tracker.run_watchdog(), name="gateway-watchdog"),
-             asyncio.create_task(state.tracker.run_resubmitter(), name="gateway-resubmitter")]
+             asyncio.create_task(state.tracker.run_resubmitter(), name="gateway-resubmitter"),
+             asyncio.create_task(state.dashboard.run_publisher(), name="gateway-dashboard")]
     log.info("gateway.started", gateway=state.config.instance_id, model=state.model.name,
              max_model_len=state.model.max_model_len, ts=time.time())
     yield
@@ -249,5 +284,6 @@ async def _bus_lifecycle(app: web.Application) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    await state.dashboard.stop()
     await state.tracker.stop()
     log.info("gateway.stopped", gateway=state.config.instance_id)

@@ -1,9 +1,11 @@
-"""`fastserve gateway`: the OpenAI-compatible HTTP gateway as its own process."""
+"""`fastserve gateway`: the OpenAI-compatible HTTP gateway as its own
+process; `fastserve top`: a terminal view of a gateway's dashboard."""
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 
@@ -20,6 +22,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "Every flag can also be set as FASTSERVE_<FLAG> in the environment.")
     add_config_args(p, GatewayConfig)
     p.set_defaults(func=main)
+
+    from fastserve.common import settings as S
+
+    t = subparsers.add_parser(
+        "top", help="watch the schedulers in a terminal (MLFQ levels, KV, rates, latency)",
+        description="The essentials of a gateway's /dashboard, redrawn in place. Ctrl-C quits.")
+    t.add_argument("--url", default=f"http://{S.HOST.default}:{S.PORT.default}", help="the gateway's base URL")
+    t.add_argument("--api-key", default=os.environ.get("FASTSERVE_API_KEY"),
+                   help="one of the gateway's API keys (env FASTSERVE_API_KEY)")
+    t.set_defaults(func=_top)
+
+
+def _top(args: argparse.Namespace) -> int:
+    from fastserve.gateway.top import run
+
+    return run(args.url, args.api_key)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -147,6 +147,36 @@ def _json(schema: dict, description: str) -> dict:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+_NUMN = _nullable(_NUM)
+_DIST = {"type": "object", "required": ["count", "mean", "p50", "p90", "p99", "hist"], "properties": {
+    "count": _INT, "mean": _NUMN, "p50": _NUMN, "p90": _NUMN, "p99": _NUMN,
+    "hist": {"type": "array", "items": _INT, "description": "requests per bin of bin_edges"}}}
+_SNAPSHOT_JOB = {"type": "object", "required": ["job_id", "level", "state", "kv", "generated", "charge", "join_level",
+                                                "prompt_len"], "properties": {
+    "job_id": _STR, "level": _INT, "state": {"enum": ["running", "in_flight", "waiting", "host", "moving"]},
+    "kv": {"enum": ["none", "gpu", "host", "to_host", "to_gpu"]}, "generated": _INT, "charge": _NUM,
+    "join_level": _INT, "prompt_len": _INT}}
+_REPLICA_VIEW = {"type": "object", "required": [
+    "instance_id", "replica", "age_s", "policy", "kv_policy", "max_batch_size", "iteration", "slo", "num_jobs",
+    "num_running", "levels", "kv", "counters", "tokens", "rates", "loop"], "properties": {
+    "instance_id": _STR, "replica": _STR, "age_s": _NUM, "policy": _STR, "kv_policy": _STR, "max_batch_size": _INT,
+    "iteration": _INT, "slo": _NUM, "num_jobs": _INT, "num_running": _INT, "tokens": _INT,
+    "levels": {"type": "array", "items": {"type": "object", "required": ["level", "quantum", "num_jobs", "more", "jobs"],
+                                          "properties": {"level": _INT, "quantum": _NUMN, "num_jobs": _INT,
+                                                         "more": _INT, "jobs": {"type": "array",
+                                                                                "items": _SNAPSHOT_JOB}}}},
+    "kv": {"type": "object", "additionalProperties": _INT},
+    "counters": {"type": "object", "additionalProperties": _INT},
+    "rates": {"type": "object", "additionalProperties": _NUM},
+    "loop": {"type": "object", "additionalProperties": _NUMN}}}
+_DASHBOARD = {"type": "object", "required": ["ts", "gateway", "model", "replicas", "latency"], "properties": {
+    "ts": _NUM, "gateway": _STR, "model": _STR, "replicas": {"type": "array", "items": _REPLICA_VIEW},
+    "latency": {"type": "object", "required": ["window_s", "requests", "bin_edges", "ttft", "norm_latency"],
+                "properties": {"window_s": _NUM, "requests": _INT, "bin_edges": {"type": "array", "items": _NUM},
+                               "ttft": _DIST, "norm_latency": _DIST}}},
+    "description": "fields: docs/services.md, Dashboard"}
+
+
 def _errors(*codes: int) -> dict:
     text = {400: "invalid request (the parameter is named)", 401: "missing or wrong API key",
             404: "unknown model", 429: "too many requests in flight", 500: "the backend failed",
@@ -175,6 +205,7 @@ def openapi_document(model_name: str, vocab_size: int) -> dict[str, Any]:
     generate_errors = _errors(400, 401, 404, 429, 500, 503)
     stream_ok = {"text/event-stream": {"schema": _STR}}
     security = [{"bearer": []}]
+    dashboard_security = [{"bearer": []}, {"basic": []}]
     return {
         "openapi": "3.1.0",
         "info": {"title": "fastserve", "version": "1",
@@ -183,7 +214,10 @@ def openapi_document(model_name: str, vocab_size: int) -> dict[str, Any]:
         "components": {
             "schemas": {"Error": _ERROR, "Model": _MODEL},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                           "description": "only when the server was started with API keys"}},
+                                           "description": "only when the server was started with API keys"},
+                                "basic": {"type": "http", "scheme": "basic",
+                                          "description": "the dashboard's paths only: any user, the API key as "
+                                                         "password (what a browser asks for)"}},
         },
         "paths": {
             "/v1/completions": {"post": {
@@ -220,6 +254,25 @@ def openapi_document(model_name: str, vocab_size: int) -> dict[str, Any]:
                 "200": {"description": "text exposition format", "content": {"text/plain": {"schema": _STR}}}}}},
             "/openapi.json": {"get": {"summary": "This document", "responses": {
                 "200": _json({"type": "object"}, "OpenAPI 3.1")}}},
+            "/dashboard": {"get": {
+                "summary": "The live dashboard page", "security": dashboard_security,
+                "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": _STR}}},
+                              **_errors(401)}}},
+            "/dashboard/static/{name}": {"get": {
+                "summary": "The dashboard's script and style sheet", "security": dashboard_security,
+                "parameters": [{"name": "name", "in": "path", "required": True,
+                                "schema": {"enum": ["dashboard.js", "dashboard.css"]}}],
+                "responses": {"200": {"description": "the file", "content": {
+                    "text/javascript": {"schema": _STR}, "text/css": {"schema": _STR}}}, **_errors(401)}}},
+            "/dashboard/snapshot": {"get": {
+                "summary": "What every scheduler is doing (MLFQ levels, KV, rates) and recent request latencies",
+                "security": dashboard_security,
+                "responses": {"200": _json(_DASHBOARD, "the dashboard's view"), **_errors(401)}}},
+            "/dashboard/stream": {"get": {
+                "summary": "The same view as server-sent events, about 3 a second, until the client leaves",
+                "security": dashboard_security,
+                "responses": {"200": {"description": "`data: <view>` events", "content": {
+                    "text/event-stream": {"schema": _STR}}}, **_errors(401)}}},
             "/tokenize": {"post": {
                 "summary": "Tokenize a prompt or chat messages", "security": security,
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {

@@ -44,6 +44,7 @@ class _Timing:
         self.first: float | None = None
         self.last: list[float | None] = [None] * num_choices
         self.queue_seen = False
+        self.norm_latency: list[float] = []  # of each finished choice: seconds per output token
 
 
 async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
@@ -117,6 +118,8 @@ async def _events(request: web.Request, state: GatewayState, sub: Submission, ch
         _observe(state, timing, index, ev)
         delta = c.add(ev)
         if c.finished:
+            if timing.last[index] is not None and c.num_tokens:
+                timing.norm_latency.append((timing.last[index] - timing.arrival) / c.num_tokens)
             job_id = sub.job_ids[index]
             if c.stopped_by_string:
                 state.tracker.release_job(sub, job_id, reason="stop string")
@@ -143,13 +146,16 @@ def _observe(state: GatewayState, t: _Timing, index: int, ev) -> None:
 
 
 def _finish_request(request: web.Request, state: GatewayState, req: GenerateRequest,
-                    returned: list[ChoiceOutput], arrival: float) -> dict:
-    """Metrics and the access-log fields of a request that completed; its usage."""
+                    returned: list[ChoiceOutput], timing: _Timing) -> dict:
+    """Metrics, the dashboard's latency samples and the access-log fields of a
+    request that completed; its usage."""
     usage = _usage(req, returned)
     reasons = [c.finish_reason or "stop" for c in returned]
     reason = "length" if "length" in reasons else reasons[0]
-    seconds = time.monotonic() - arrival
+    seconds = time.monotonic() - timing.arrival
     state.metrics.observe_request(seconds, reason, usage["prompt_tokens"], usage["completion_tokens"])
+    state.dashboard.observe_request(None if timing.first is None else timing.first - timing.arrival,
+                                    timing.norm_latency)
     request[ACCESS].update(completion_tokens=usage["completion_tokens"], finish_reason=reason)
     log.debug("request.finished", usage=usage, seconds=round(seconds, 4), finish_reasons=reasons)
     return usage
@@ -277,7 +283,7 @@ async def _full(request, state, req, sub, choices, request_id, trace_id, arrival
             choice = {"index": c.index, "message": message, "finish_reason": reason,
                       "logprobs": _chat_logprobs(model, c.all_logprobs) if req.logprobs else None}
         out.append(choice)
-    usage = _finish_request(request, state, req, returned, arrival)
+    usage = _finish_request(request, state, req, returned, timing)
     resp = {"id": request_id, "object": "text_completion" if req.kind == "completion" else "chat.completion",
             "created": created, "model": model.name, "choices": out, "usage": usage}
     if req.kind == "chat" and req.prompt_logprobs is not None:
@@ -351,7 +357,7 @@ async def _stream(request, state, req, sub, choices, request_id, trace_id, arriv
                     if data is not None:
                         await send(data)
         if not failed:
-            usage = _finish_request(request, state, req, choices, arrival)
+            usage = _finish_request(request, state, req, choices, timing)
             if req.include_usage:
                 await send({**base, "choices": [], "usage": usage})
         await send("[DONE]")

@@ -38,6 +38,10 @@ def register(subparsers) -> None:
     p.add_argument("--sweep-rates", action="store_true", help="find each policy's highest rate within the SLO")
     p.add_argument("--json", action="store_true", help="print one JSON object keyed by policy name")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="draw latency-vs-rate and JCT CDF (matplotlib)")
+    p.add_argument("--out", default=None, metavar="OUT.json",
+                   help="write the JSON here, and beside it OUT.png (with --sweep-rates: normalized latency and TTFT "
+                        "against rate per policy, SLO line) and OUT.occupancy.png (jobs per queue over the first "
+                        "policy's run); plots need matplotlib (pip install 'fastserve[plot]')")
     p.set_defaults(func=_sim_main)
 
     b = subparsers.add_parser("bench", help="benchmarks (scheduler)")
@@ -85,8 +89,10 @@ def _bench_main(args: argparse.Namespace) -> int:
             print(f" {regime}:")
             for n, r in res[regime]["waiting"].items():
                 print(f"  waiting {int(n):>7}: p50 {r['p50_us']:8.1f} us   p99 {r['p99_us']:8.1f} us   "
-                      f"(CPU p99 {r['cpu_p99_us']:8.1f} us)   swapped {r['mean_jobs_swapped']:6.1f}")
-            print(f"  p99 growth, largest vs smallest: {res[regime]['p99_ratio_largest_vs_smallest']:.2f}x")
+                      f"(CPU p99 {r['cpu_p99_us']:8.1f} us)   swapped {r['mean_jobs_swapped']:6.1f}   "
+                      f"snapshot p99 {r['snapshot_p99_us']:8.1f} us")
+            print(f"  p99 growth, largest vs smallest: {res[regime]['p99_ratio_largest_vs_smallest']:.2f}x "
+                  f"(snapshot {res[regime]['snapshot_p99_ratio_largest_vs_smallest']:.2f}x)")
     return 0
 
 
@@ -127,19 +133,23 @@ def _sim_main(args: argparse.Namespace) -> int:
         return make_workload(args.workload, num_jobs=args.num_jobs, rate=rate, cv=args.cv, seed=args.seed,
                              arrival_cv=args.arrival_cv)
 
-    def run(policy: str, rate: float | None):
+    def run(policy: str, rate: float | None, occupancy_every: float | None = None):
         cfg = SimConfig(policy=policy, kv_policy=args.kv_policy, gpu_kv_blocks=args.gpu_kv_blocks,
                         host_kv_blocks=args.host_kv_blocks, copy_bandwidth=args.copy_bandwidth,
                         watermark=args.watermark, reserve=args.reserve, core=core_opts,
-                        pipeline_parallel_size=args.pipeline_parallel_size, stage_transfer=args.stage_transfer)
+                        pipeline_parallel_size=args.pipeline_parallel_size, stage_transfer=args.stage_transfer,
+                        occupancy_every=occupancy_every)
         return simulate(jobs_at(rate), cfg, cost)
 
     out: dict[str, dict] = {}
     curves: dict[str, list[tuple[float, float]]] = {}
+    ttft_curves: dict[str, list[tuple[float, float]]] = {}
     jcts: dict[str, list[float]] = {}
+    occupancy: list[tuple[float, list[int]]] = []
     try:
         for pol in policies:
-            res = run(pol, args.rate)
+            res = run(pol, args.rate, OCCUPANCY_EVERY if args.out and not occupancy else None)
+            occupancy = occupancy or res.occupancy
             m = dict(res.metrics, rate=args.rate, kv_policy=args.kv_policy, workload=args.workload, cv=args.cv)
             slo = args.slo or res.slo
             m["slo"] = slo
@@ -149,22 +159,51 @@ def _sim_main(args: argparse.Namespace) -> int:
                 m.update(max_rate_at_slo=sw["max_rate_at_slo"], throughput_at_slo=sw["throughput_at_slo"],
                          sweep_points=sw["points"], sweep_saturated=sw["saturated"])
                 curves[pol] = sw["points"]
+                ttft_curves[pol] = sw["ttft_points"]
             elif args.plot and args.rate:
                 curves[pol] = [(args.rate * f, run(pol, args.rate * f).metrics["mean_norm_latency"])
                                for f in (0.5, 0.75, 1.0, 1.25, 1.5)]
             out[pol] = m
     except (ValueError, TraceError, RuntimeError) as exc:
         return fail(str(exc))
+    title = f"{args.workload} cv={args.cv} kv={args.kv_policy} rate={args.rate}"
     if args.plot:
-        from fastserve.scheduler.sim.plot import plot
+        from fastserve.scheduler.sim.plot import PlotUnavailable, plot
 
-        plot(args.plot, curves, jcts, out[policies[0]]["slo"],
-             f"{args.workload} cv={args.cv} kv={args.kv_policy} rate={args.rate}")
+        try:
+            plot(args.plot, curves, jcts, out[policies[0]]["slo"], title)
+        except PlotUnavailable as exc:
+            return fail(f"--plot: {exc}")
+    if args.out:
+        _write_report(args.out, out, ttft_curves, curves, occupancy, policies[0], title)
     if args.json:
         print(json.dumps(out, indent=2))
     else:
         _print_table(out, args)
     return 0
+
+
+OCCUPANCY_EVERY = 0.1  # simulated seconds between samples of the queues
+
+
+def _write_report(path: str, out: dict, ttft: dict, norm: dict, occupancy: list, first_policy: str,
+                  title: str) -> None:
+    """The JSON at `path`, the plots beside it (when matplotlib is there)."""
+    from pathlib import Path
+
+    from fastserve.scheduler.sim.plot import PlotUnavailable, plot_occupancy, plot_rates
+
+    target = Path(path)
+    target.write_text(json.dumps(out, indent=2) + "\n")
+    stem = target.with_suffix("")
+    try:
+        if norm:
+            plot_rates(f"{stem}.png", norm, ttft, out[first_policy]["slo"], title)
+        if occupancy:
+            plot_occupancy(f"{stem}.occupancy.png", [t for t, _ in occupancy], [q for _, q in occupancy],
+                           f"{title}: jobs per queue, {first_policy}")
+    except PlotUnavailable as exc:
+        print(f"fastserve sim: {exc}; {path} is written, the plots are not", file=sys.stderr)
 
 
 def _print_table(out: dict[str, dict], args: argparse.Namespace) -> None:

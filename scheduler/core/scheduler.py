@@ -28,6 +28,7 @@ from fastserve.scheduler.core.kv_manager import KVManager
 from fastserve.scheduler.core.levels import Level
 from fastserve.scheduler.core.placement import Cand, KVPlacementPolicy, PlacementPlan, PlacementView
 from fastserve.scheduler.core.policies import make_policy
+from fastserve.scheduler.core.snapshot import MAX_JOBS, build_snapshot
 from fastserve.scheduler.core.types import BatchEntry, IterationResult, JobSpec, KVMove, ScheduleDecision
 
 __all__ = ["SchedulerCore", "SchedulerCoreConfig", "SchedulerStats"]
@@ -249,6 +250,12 @@ class SchedulerCore:
 
     def host_blocks_used(self) -> int:
         return self.kv.host_used
+
+    def snapshot(self, max_jobs: int = MAX_JOBS):
+        """A bounded picture of the levels and the KV for people (scheduler/core/snapshot.py)."""
+        running = [self._jobs[j] for j in self._last_batch if j in self._jobs]
+        return build_snapshot(self._levels, self.policy.quanta, running, self.kv, self.stats,
+                              sum(self.join_histogram), self._iteration, self.slo, max_jobs)
 
     # ------------------------------------------------------------ internals
     def _set_key(self, job: Job) -> None:

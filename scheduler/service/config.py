@@ -33,6 +33,8 @@ class SchedulerServiceConfig:
     worker_grace: float = S.WORKER_GRACE()
     kvstore_timeout: float = S.KVSTORE_TIMEOUT()
     stats_interval: float = 0.5
+    # Seconds between the dashboard's SchedulerSnapshots (0: none are sent).
+    snapshot_interval: float = 0.25
     worker_wait: float = 300.0  # how long start() waits for the first worker before giving up
 
     def __post_init__(self) -> None:

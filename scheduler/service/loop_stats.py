@@ -1,11 +1,12 @@
 """What the scheduler service reports about itself: how busy it keeps the
-worker (in its heartbeat) and its queue and KV usage (`SchedulerStats`)."""
+worker (in its heartbeat), its queue and KV usage (`SchedulerStats`), and
+the dashboard's picture of its queues, KV and loop (`SchedulerSnapshot`)."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
-from fastserve.common.schemas import SchedulerStats
+from fastserve.common.schemas import LoopTotals, SchedulerSnapshot, SchedulerStats
 
 
 @dataclass
@@ -21,10 +22,15 @@ class LoopTimes:
     back_to_back: int = 0
     wall_seconds: float = 0.0  # result(i-1) -> result(i) gaps, back-to-back only
     step_in_back_to_back: float = 0.0
+    schedule_seconds: float = 0.0  # the scheduler's own work: schedule(), results, commands
+    tokens: int = 0  # tokens the worker sampled
+    snapshot_seconds: float = 0.0
+    snapshots: int = 0
     _last_received: float | None = None
 
-    def record(self, sent: float, received: float, step: float) -> None:
+    def record(self, sent: float, received: float, step: float, tokens: int = 0) -> None:
         self.iterations += 1
+        self.tokens += tokens
         self.step_seconds += step
         self.round_trip_seconds += received - sent
         last = self._last_received
@@ -45,7 +51,14 @@ class LoopTimes:
             "mean_iteration_ms": 1e3 * self.wall_seconds / n,
             "mean_control_overhead_ms": 1e3 * (self.wall_seconds - self.step_in_back_to_back) / n,
             "worker_busy_fraction": self.step_in_back_to_back / self.wall_seconds if self.wall_seconds else None,
+            "mean_schedule_ms": 1e3 * self.schedule_seconds / max(self.iterations, 1),
         }
+
+    def totals(self) -> LoopTotals:
+        return LoopTotals(iterations=self.iterations, tokens=self.tokens, step_seconds=self.step_seconds,
+                          schedule_seconds=self.schedule_seconds, round_trip_seconds=self.round_trip_seconds,
+                          back_to_back=self.back_to_back, wall_seconds=self.wall_seconds,
+                          snapshot_seconds=self.snapshot_seconds, snapshots=self.snapshots)
 
 
 def stats_message(config, core, jobs, times: LoopTimes) -> SchedulerStats:
@@ -60,3 +73,11 @@ def stats_message(config, core, jobs, times: LoopTimes) -> SchedulerStats:
         cpu_kv_usage=core.host_blocks_used() / host_total if host_total else 0.0,
         num_preemptions=core.stats.preemptions, max_queued_jobs=config.max_queued_jobs,
         iterations=times.iterations, step_seconds=times.step_seconds)
+
+
+def snapshot_message(config, core, times: LoopTimes) -> SchedulerSnapshot:
+    """`config` is the SchedulerServiceConfig, `core` the SchedulerCore."""
+    return SchedulerSnapshot(
+        instance_id=config.instance_id, ts=time.time(), core=core.snapshot(), loop=times.totals(),
+        replica=config.replica, model=config.served_model_name or "", policy=config.policy,
+        kv_policy=config.kv_policy, max_batch_size=config.max_batch_size)

@@ -42,7 +42,7 @@ from fastserve.common.schemas import (
 from fastserve.scheduler.core.types import IterationResult
 from fastserve.scheduler.service.config import SchedulerServiceConfig, build_core
 from fastserve.scheduler.service.job_table import JobTable
-from fastserve.scheduler.service.loop_stats import LoopTimes, stats_message
+from fastserve.scheduler.service.loop_stats import LoopTimes, snapshot_message, stats_message
 from fastserve.scheduler.service.peers import Peers
 from fastserve.scheduler.service.state import ServiceState
 
@@ -183,7 +183,7 @@ class SchedulerService:
 
     async def _loop(self) -> None:
         c = self.config
-        last_stats = 0.0
+        last_stats = last_snapshot = 0.0
         while not self._stopping:
             self._wake.clear()
             now = time.monotonic()
@@ -200,6 +200,9 @@ class SchedulerService:
             if now - last_stats >= c.stats_interval:
                 last_stats = now
                 self._broadcast.send(names.stats_key(c.instance_id), self.stats_message())
+            if c.snapshot_interval and now - last_snapshot >= c.snapshot_interval:
+                last_snapshot = now
+                self._send_snapshot()
             async with self._room:
                 self._room.notify_all()
             await self._wait(self._next_check())
@@ -213,14 +216,16 @@ class SchedulerService:
             pass
 
     def _next_check(self) -> float:
-        # Wake up for liveness checks and stats even when nothing arrives.
-        return min(self.config.stats_interval, self.config.worker_timeout / 4, 1.0)
+        # Wake up for liveness checks, stats and snapshots even when nothing arrives.
+        c = self.config
+        return min(c.stats_interval, c.snapshot_interval or 1.0, c.worker_timeout / 4, 1.0)
 
     def _fill_pipeline(self, now: float) -> None:
         c = self.config
         worker = self.peers.worker
         limit = c.batches_in_flight(worker.worker) if worker is not None else 0
         while worker is not None and len(self._inflight) < limit:
+            t0 = time.perf_counter()
             decision = self.core.schedule(now)
             self._send_plan(decision)
             if not decision.batch:
@@ -228,7 +233,9 @@ class SchedulerService:
                 self.core.update(IterationResult(decision.iteration, 0.0, []), now)
                 return
             cmd = self.jobs.command(c.replica, self.epoch, decision)
-            self._inflight[decision.iteration] = (decision, time.perf_counter())
+            sent = time.perf_counter()
+            self.times.schedule_seconds += sent - t0
+            self._inflight[decision.iteration] = (decision, sent)
             self._send_to_worker(cmd)
 
     def _send_to_worker(self, cmd: BatchCommand) -> None:
@@ -283,8 +290,10 @@ class SchedulerService:
             self._end_epoch(f"the result of iteration {oldest} was lost")
             return
         decision, sent = self._inflight.pop(result.iteration)
-        self.times.record(sent, time.perf_counter(), result.step_seconds)
+        received = time.perf_counter()
+        self.times.record(sent, received, result.step_seconds, tokens=len(result.tokens))
         self.state.apply_result(decision, result)
+        self.times.schedule_seconds += time.perf_counter() - received
 
     def _unroutable(self, key: str, msg: Message) -> None:
         if isinstance(msg, BatchCommand):
@@ -376,6 +385,15 @@ class SchedulerService:
     # ------------------------------------------------------------------ stats and liveness
     def stats_message(self) -> SchedulerStats:
         return stats_message(self.config, self.core, self.jobs, self.times)
+
+    def _send_snapshot(self) -> None:
+        key = names.snapshot_key(self.config.instance_id)
+        if self._broadcast.pending(key):
+            return  # the last one is not out yet (the broker is away): only the newest matters
+        t0 = time.perf_counter()
+        self._broadcast.send(key, snapshot_message(self.config, self.core, self.times))
+        self.times.snapshots += 1
+        self.times.snapshot_seconds += time.perf_counter() - t0
 
     def _heartbeat(self) -> dict:
         c = self.config

@@ -14,6 +14,10 @@ Copy reports (copy_done) are inside the timed region: they are the core's work.
 Wall time and this thread's CPU time are both reported: on a machine shared
 with other work the wall-time tail measures the other work's preemptions, the
 CPU-time tail what the scheduler itself costs.
+
+Every `snapshot_every` iterations the dashboard's snapshot of the core
+(core.snapshot()) is taken outside the timed region and timed on its own: its
+cost must not grow with the number of waiting jobs either.
 """
 from __future__ import annotations
 
@@ -37,7 +41,8 @@ REGIMES = {
 
 
 def bench_one(waiting: int, batch: int, *, policy: str = "sj-mlfq", kv_policy: str = "proactive",
-              regime: str = "default", iterations: int = 2000, warmup: int = 100, seed: int = 0) -> dict:
+              regime: str = "default", iterations: int = 2000, warmup: int = 100, seed: int = 0,
+              snapshot_every: int = 10) -> dict:
     cost = CostModel.default()
     r = REGIMES[regime]
     cfg = SchedulerCoreConfig(policy=policy, max_batch_size=batch, num_gpu_blocks=max(r["num_gpu_blocks"], batch * 16),
@@ -65,6 +70,7 @@ def bench_one(waiting: int, batch: int, *, policy: str = "sj-mlfq", kv_policy: s
     gc.freeze()
     now = 0.0
     samples, cpu = [], []
+    snapshots = []
     swapped = []
     for it in range(warmup + iterations):
         c0 = time.thread_time_ns()
@@ -95,15 +101,21 @@ def bench_one(waiting: int, batch: int, *, policy: str = "sj-mlfq", kv_policy: s
         for jid in finished:
             del out[jid], gen[jid]
             arrive(now)
+        if it >= warmup and it % snapshot_every == 0:
+            t4 = time.perf_counter_ns()
+            core.snapshot()
+            snapshots.append((time.perf_counter_ns() - t4) / 1e3)
     gc.unfreeze()
     a = np.array(samples)
     c = np.array(cpu)
+    snap = np.array(snapshots)
     return {"p50_us": float(np.percentile(a, 50)), "p99_us": float(np.percentile(a, 99)),
             "cpu_p50_us": float(np.percentile(c, 50)), "cpu_p99_us": float(np.percentile(c, 99)),
             "mean_us": float(a.mean()), "max_us": float(a.max()), "iterations": iterations,
             "jobs_in_core_at_end": core.num_jobs, "finished": core.stats.finished,
             "mean_jobs_swapped": float(np.mean(swapped)), "swaps": core.stats.swaps,
-            "promotions": core.stats.promotions, "demotions": core.stats.demotions}
+            "promotions": core.stats.promotions, "demotions": core.stats.demotions,
+            "snapshot_p50_us": float(np.percentile(snap, 50)), "snapshot_p99_us": float(np.percentile(snap, 99))}
 
 
 def bench_scheduler(sizes: list[int], batch: int, regimes: tuple[str, ...] = tuple(REGIMES), **kw) -> dict:
@@ -113,5 +125,6 @@ def bench_scheduler(sizes: list[int], batch: int, regimes: tuple[str, ...] = tup
         small, large = res[str(min(sizes))], res[str(max(sizes))]
         # The baseline is the smallest size, measured in the same run.
         out[regime] = {"waiting": res, "p99_ratio_largest_vs_smallest": large["p99_us"] / small["p99_us"],
-                       "cpu_p99_ratio_largest_vs_smallest": large["cpu_p99_us"] / small["cpu_p99_us"]}
+                       "cpu_p99_ratio_largest_vs_smallest": large["cpu_p99_us"] / small["cpu_p99_us"],
+                       "snapshot_p99_ratio_largest_vs_smallest": large["snapshot_p99_us"] / small["snapshot_p99_us"]}
     return out

@@ -51,6 +51,8 @@ class SimConfig:
     # `stage_transfer` seconds per hop, up to P batches are in the pipe.
     pipeline_parallel_size: int = 1
     stage_transfer: float = 0.0
+    # Seconds between samples of the jobs in each level (SimResult.occupancy); None: no samples.
+    occupancy_every: float | None = None
     core: dict = field(default_factory=dict)  # extra SchedulerCoreConfig fields
 
 
@@ -63,6 +65,7 @@ class SimResult:
     slo: float
     # job id -> [iterations it ran in, of which prefill]: compared with the real stack's.
     job_iterations: dict[str, list[int]] = field(default_factory=dict)
+    occupancy: list[tuple[float, list[int]]] = field(default_factory=list)  # (time, jobs per level)
 
 
 def build_core(cfg: SimConfig, cost: CostModel) -> SchedulerCore:
@@ -105,7 +108,12 @@ def simulate(jobs: list[TraceJob], cfg: SimConfig, cost: CostModel,
     t = 0.0
     nxt = 0
     peak = 0
+    occupancy: list[tuple[float, list[int]]] = []
+    next_sample = 0.0
     while nxt < len(pending) or core.num_jobs:
+        if cfg.occupancy_every and t >= next_sample:
+            occupancy.append((t, core.queue_lengths()))
+            next_sample = t + cfg.occupancy_every
         while nxt < len(pending) and pending[nxt].arrival_time <= t:
             j = pending[nxt]
             jid = f"j{nxt}"
@@ -164,4 +172,4 @@ def simulate(jobs: list[TraceJob], cfg: SimConfig, cost: CostModel,
     metrics = summarize(records, core.stats.as_dict(), len(core.join_histogram))
     metrics["peak_gpu_blocks"] = peak
     metrics["slo"] = core.slo
-    return SimResult(metrics, records, peak, core.iteration, core.slo, job_iterations)
+    return SimResult(metrics, records, peak, core.iteration, core.slo, job_iterations, occupancy)

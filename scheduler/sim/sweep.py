@@ -48,5 +48,6 @@ def max_rate_at_slo(run: Callable[[float], dict], slo: float, start: float, *, f
         "throughput_at_slo": best["throughput"] if best else 0.0,
         "mean_norm_latency_at_max_rate": best["mean_norm_latency"] if best else None,
         "points": sorted((rate, m["mean_norm_latency"]) for rate, m in points),
+        "ttft_points": sorted((rate, m["mean_ttft"]) for rate, m in points),
         "saturated": hi is None,  # never crossed the SLO within the search
     }
