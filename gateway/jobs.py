@@ -72,7 +72,6 @@ class JobTracker:
         self._pending_requests = 0
         self._heartbeats: dict[tuple[str, str], float] = {}  # (service, instance) -> last seen (monotonic)
         self._worker_limits: dict[str, int] = {}  # worker instance -> longest job its GPU KV pool holds
-        self._worker_limits: dict[str, int] = {}  # worker instance -> longest job its GPU KV pool holds
         self._stats: dict[str, tuple[float, SchedulerStats]] = {}
         self._cancels: asyncio.Queue[JobCancel] = asyncio.Queue()
         self._resubmits: asyncio.Queue = asyncio.Queue()
@@ -325,10 +324,6 @@ class JobTracker:
             if msg.service == "worker" and msg.worker is not None:
                 w = msg.worker
                 self._worker_limits[msg.instance_id] = min(w.max_model_len, w.num_gpu_blocks * w.block_size)
-            if msg.service == "worker" and "num_gpu_blocks" in msg.info:
-                info = msg.info
-                self._worker_limits[msg.instance_id] = min(int(info["max_model_len"]),
-                                                           int(info["num_gpu_blocks"]) * int(info["block_size"]))
         else:
             self._stats[msg.instance_id] = (now, msg)
             self._heartbeats[("scheduler", msg.instance_id)] = now
@@ -337,12 +332,6 @@ class JobTracker:
             if now - seen > self.config.health_timeout:
                 del self._stats[instance]
                 self.metrics.forget_scheduler(instance)
-
-    def max_model_len(self, model_len: int) -> int:
-        """The longest job (prompt + output) that every live worker's GPU KV
-        pool can hold, and at most the model's context length."""
-        live = self.alive("worker")
-        return min([model_len, *(self._worker_limits[w] for w in live if w in self._worker_limits)])
 
     def max_model_len(self, model_len: int) -> int:
         """The longest job (prompt + output) that every live worker's GPU KV
