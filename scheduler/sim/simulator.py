@@ -79,6 +79,69 @@ def build_core(cfg: SimConfig, cost: CostModel) -> SchedulerCore:
     return SchedulerCore(core_cfg, cost, make_kv_policy(cfg.kv_policy, watermark=cfg.watermark, reserve=cfg.reserve))
 
 
+class Trace:
+    """The workload's side of a simulation, shared by the one-worker loop and
+    the pipeline's (pipeline.py): arrivals, KV copies on their links (one per
+    direction, overlapping compute), and each job's tokens until its output
+    length (the simulator knows it; the scheduler does not)."""
+
+    def __init__(self, jobs: list[TraceJob]) -> None:
+        self.pending = sorted(jobs, key=lambda j: j.arrival_time)
+        self.nxt = 0
+        self.out_len: dict[str, int] = {}
+        self.generated: dict[str, int] = {}
+        self.arrival: dict[str, float] = {}
+        self.first: dict[str, float] = {}
+        self.joined: dict[str, int] = {}
+        self.records: list[JobRecord] = []
+        self.copies: list[tuple[float, int, str]] = []  # (done_at, move_id, job_id)
+        self.link_free = {"offload": 0.0, "upload": 0.0}
+
+    @property
+    def arrivals_left(self) -> bool:
+        return self.nxt < len(self.pending)
+
+    def admit(self, core, t: float) -> None:
+        while self.nxt < len(self.pending) and self.pending[self.nxt].arrival_time <= t:
+            j = self.pending[self.nxt]
+            jid = f"j{self.nxt}"
+            core.add_job(JobSpec(jid, j.arrival_time, j.input_len, j.output_len, j.output_len), j.arrival_time)
+            self.out_len[jid], self.generated[jid], self.arrival[jid] = j.output_len, 0, j.arrival_time
+            self.joined[jid] = core.job_level(jid)
+            self.nxt += 1
+
+    def land_copies(self, core, t: float) -> list[str]:
+        """Report the copies done by `t`; the jobs they moved."""
+        landed = []
+        while self.copies and self.copies[0][0] <= t:
+            _, move_id, jid = heapq.heappop(self.copies)
+            core.copy_done(jid, move_id, t)
+            landed.append(jid)
+        return landed
+
+    def start_moves(self, d, t: float, cost: CostModel, bandwidth: float) -> None:
+        for mv in d.offloads + d.uploads:
+            start = max(t, self.link_free[mv.direction])
+            self.link_free[mv.direction] = start + cost.copy_time(len(mv.gpu_blocks), bandwidth)
+            heapq.heappush(self.copies, (self.link_free[mv.direction], mv.move_id, mv.job_id))
+
+    def token(self, jid: str, t: float) -> bool:
+        """A job produced a token at `t`; True when that was its last."""
+        self.generated[jid] += 1
+        assert self.generated[jid] <= self.out_len[jid], f"{jid} ran past its output"
+        if self.generated[jid] == 1:
+            self.first[jid] = t
+        if self.generated[jid] < self.out_len[jid]:
+            return False
+        self.records.append(JobRecord(jid, self.arrival[jid], self.first[jid], t, 0, self.out_len[jid],
+                                      self.joined[jid]))
+        return True
+
+    def next_events(self) -> list[float]:
+        """The next copy to land and the next arrival, if any."""
+        return [c[0] for c in self.copies[:1]] + ([self.pending[self.nxt].arrival_time] if self.arrivals_left else [])
+
+
 def simulate(jobs: list[TraceJob], cfg: SimConfig, cost: CostModel,
              policy_cost: CostModel | None = None) -> SimResult:
     """`cost` times the iterations and copies; `policy_cost` (default: `cost`)
@@ -94,49 +157,29 @@ def simulate(jobs: list[TraceJob], cfg: SimConfig, cost: CostModel,
     slow_f = [f for _, f in cfg.slowdown or []]
     if slow_at != sorted(slow_at) or any(f <= 0 for f in slow_f):
         raise ValueError("slowdown must be (start, factor > 0) steps sorted by start")
-    pending = sorted(jobs, key=lambda j: j.arrival_time)
-    out_len: dict[str, int] = {}
-    generated: dict[str, int] = {}
-    arrival: dict[str, float] = {}
-    first: dict[str, float] = {}
-    joined: dict[str, int] = {}
-    records: list[JobRecord] = []
-    copies: list[tuple[float, int, str]] = []  # (done_at, move_id, job_id)
+    tr = Trace(jobs)
     moving: set[str] = set()
-    link_free = {"offload": 0.0, "upload": 0.0}
     job_iterations: dict[str, list[int]] = {}
     t = 0.0
-    nxt = 0
     peak = 0
     occupancy: list[tuple[float, list[int]]] = []
     next_sample = 0.0
-    while nxt < len(pending) or core.num_jobs:
+    while tr.arrivals_left or core.num_jobs:
         if cfg.occupancy_every and t >= next_sample:
             occupancy.append((t, core.queue_lengths()))
             next_sample = t + cfg.occupancy_every
-        while nxt < len(pending) and pending[nxt].arrival_time <= t:
-            j = pending[nxt]
-            jid = f"j{nxt}"
-            core.add_job(JobSpec(jid, j.arrival_time, j.input_len, j.output_len, j.output_len), j.arrival_time)
-            out_len[jid], generated[jid], arrival[jid] = j.output_len, 0, j.arrival_time
-            joined[jid] = core.job_level(jid)
-            nxt += 1
-        while copies and copies[0][0] <= t:
-            _, move_id, jid = heapq.heappop(copies)
+        tr.admit(core, t)
+        for jid in tr.land_copies(core, t):
             moving.discard(jid)
-            core.copy_done(jid, move_id, t)
         d = core.schedule(t)
         for mv in d.offloads + d.uploads:
             assert mv.job_id not in moving, f"{mv.job_id} moved twice at once"
-            start = max(t, link_free[mv.direction])
-            link_free[mv.direction] = start + cost.copy_time(len(mv.gpu_blocks), cfg.copy_bandwidth)
-            heapq.heappush(copies, (link_free[mv.direction], mv.move_id, mv.job_id))
             moving.add(mv.job_id)
+        tr.start_moves(d, t, cost, cfg.copy_bandwidth)
         peak = max(peak, core.gpu_blocks_used())
         if not d.batch:
             core.update(IterationResult(d.iteration, 0.0, []), t)
-            nexts = [c[0] for c in copies[:1]] + [pending[nxt].arrival_time] if nxt < len(pending) else \
-                [c[0] for c in copies[:1]]
+            nexts = tr.next_events()
             if not nexts:
                 raise RuntimeError(f"simulation stalled at t={t:.3f}: {core.num_jobs} jobs left, nothing can run "
                                    f"(gpu blocks used {core.gpu_blocks_used()}/{core.config.num_gpu_blocks})")
@@ -154,19 +197,9 @@ def simulate(jobs: list[TraceJob], cfg: SimConfig, cost: CostModel,
         if slow_at:
             elapsed *= slow_f[max(bisect.bisect_right(slow_at, t) - 1, 0)]
         t += elapsed + cfg.control_overhead
-        finished = []
-        for e in d.batch:
-            if not e.sample:
-                continue
-            jid = e.job_id
-            generated[jid] += 1
-            if generated[jid] == 1:
-                first[jid] = t
-            if generated[jid] == out_len[jid]:
-                finished.append(jid)
-                records.append(JobRecord(jid, arrival[jid], first[jid], t, 0, out_len[jid], joined[jid]))
-            assert generated[jid] <= out_len[jid], f"{jid} ran past its output"
+        finished = [e.job_id for e in d.batch if e.sample and tr.token(e.job_id, t)]
         core.update(IterationResult(d.iteration, elapsed, finished), t)
+    records, pending = tr.records, tr.pending
     assert len(records) == len(pending), f"{len(pending) - len(records)} jobs lost"
     assert core.gpu_blocks_used() == 0 and core.host_blocks_used() == 0, "KV blocks leaked"
     metrics = summarize(records, core.stats.as_dict(), len(core.join_histogram))
