@@ -27,7 +27,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("make-model", help="write a random-weight Hugging Face checkpoint with a real tokenizer")
     p.add_argument("out_dir")
     p.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2"])
-    p.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "1b"],
+                   help="tiny (0.7M parameters, tests), small (28M, CPU benchmarks), 1b (Llama-3.2-1B's shapes, "
+                        "bfloat16, 2.5 GB: GPU benchmarks)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_model)
 

@@ -16,7 +16,21 @@ PRESETS = {
     # about 28M parameters: the benchmark model
     "small": dict(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048),
+    # Llama-3.2-1B's shapes (1.24B parameters, bfloat16): the GPU benchmark
+    # model. Its 128,256-entry vocabulary is the BPE tokenizer padded with
+    # filler tokens (every id decodes), the rest as the real model's config.json.
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072),
 }
+# What a preset fixes beside its shapes (llama only for "1b").
+_PRESET_CONFIG = {
+    "1b": dict(rope_theta=500000.0, tie_word_embeddings=True, torch_dtype="bfloat16",
+               rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+}
+# The BPE tokenizer trains to at most this many entries on the built-in corpus;
+# a larger vocabulary is padded with filler tokens.
+_TRAINED_VOCAB = 4096
 
 _ARCH_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -95,7 +109,11 @@ def model_config(arch: str, preset: str, vocab_size: int, **overrides) -> dict:
         "initializer_range": 0.02,
         "attention_dropout": 0.0,
     }
-    if arch == "llama":
+    if preset in _PRESET_CONFIG:
+        if arch != "llama":
+            raise ValueError(f"preset {preset!r} is a llama model")
+        cfg.update(attention_bias=False, mlp_bias=False, **_PRESET_CONFIG[preset])
+    elif arch == "llama":
         cfg.update(attention_bias=False, mlp_bias=False, rope_scaling=None)
     elif arch == "mistral":
         cfg.update(sliding_window=None)
@@ -154,10 +172,13 @@ def make_model(out_dir: str | Path, arch: str = "llama", preset: str = "tiny", s
     rope_scaling={...}, attention_bias=True) for tests of specific features."""
     from safetensors.torch import save_file
 
-    cfg_probe = model_config(arch, preset, 0)  # validates arch/preset before any work
+    model_config(arch, preset, 0)  # validates arch/preset before any work
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(PRESETS[preset]["vocab_size"])
+    vocab = PRESETS[preset]["vocab_size"]
+    tok = build_tokenizer(min(vocab, _TRAINED_VOCAB))
+    if vocab > tok.get_vocab_size():
+        tok = padded_tokenizer(tok, vocab)
     cfg = model_config(arch, preset, tok.get_vocab_size(), **overrides)
     cfg["vocab_size"] = tok.get_vocab_size()  # logits index the tokenizer exactly
     tok.save(str(out / "tokenizer.json"))
@@ -177,5 +198,31 @@ def make_model(out_dir: str | Path, arch: str = "llama", preset: str = "tiny", s
         "bos_token_id": BOS, "eos_token_id": [EOS, IM_END], "do_sample": False,
     }, indent=2))
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    save_file(_random_weights(cfg, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
+    weights = _random_weights(cfg, seed)
+    if cfg["torch_dtype"] != "float32":
+        import torch
+
+        weights = {k: t.to(getattr(torch, cfg["torch_dtype"])) for k, t in weights.items()}
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+def padded_tokenizer(tok, vocab_size: int):
+    """The trained BPE tokenizer with filler tokens up to `vocab_size`, so a
+    large vocabulary's every id decodes to something."""
+    from tokenizers import AddedToken, Tokenizer
+
+    padded = Tokenizer.from_str(tok.to_str())
+    n = vocab_size - padded.get_vocab_size()
+    padded.add_tokens([AddedToken(f"<|filler_{i}|>", special=False) for i in range(n)])
+    assert padded.get_vocab_size() == vocab_size, (padded.get_vocab_size(), vocab_size)
+    return padded
+
+
+def num_parameters(cfg: dict) -> int:
+    """Parameters a config.json describes (llama family), without making them."""
+    h, inter, v, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    layer = h * (q + 2 * kv) + q * h + 3 * h * inter + 2 * h
+    return v * h * (1 if cfg["tie_word_embeddings"] else 2) + L * layer + h

@@ -104,3 +104,22 @@ def test_bfloat16_without_avx512(tiny_model_dir):
     env = {**__import__("os").environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def test_the_1b_preset_has_llama_3_2_1b_shapes(tiny_model_dir):
+    """The GPU benchmark model's config (its 2.5 GB of weights are not made here)."""
+    from safetensors.torch import load_file as load
+
+    from fastserve.common.model_config import ModelConfig
+    from fastserve.gpu_worker.model_maker import build_tokenizer, model_config, num_parameters, padded_tokenizer
+
+    cfg = model_config("llama", "1b", 128256)
+    mc = ModelConfig.from_dict(cfg)
+    assert (mc.hidden_size, mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim) == (2048, 16, 32, 8, 64)
+    assert mc.rope_scaling["rope_type"] == "llama3" and mc.tie_word_embeddings and cfg["torch_dtype"] == "bfloat16"
+    assert abs(num_parameters(cfg) - 1_235_814_400) < 1e6  # Llama-3.2-1B: 1.24B
+    tok = padded_tokenizer(build_tokenizer(4096), 128256)
+    assert tok.get_vocab_size() == 128256 and tok.decode([128255], skip_special_tokens=False)
+    # num_parameters counts what make_model writes:
+    written = sum(t.numel() for t in load(str(tiny_model_dir / "model.safetensors")).values())
+    assert written == num_parameters(__import__("json").loads((tiny_model_dir / "config.json").read_text()))
