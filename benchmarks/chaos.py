@@ -269,8 +269,8 @@ async def run(args) -> dict:
                 reqs.append(r)
                 await one_request(http, dep.urls()[r.gateway], model_name, texts[j // 2], specs[j],
                                   args.deadline + 30, r)
-                if r.refused:
-                    await asyncio.sleep(0.2)
+                if r.refused or (r.error or "").startswith("HTTP 503"):
+                    await asyncio.sleep(0.2)  # like a client backing off: count attempts, not a busy loop
                 i += args.clients
 
         async with aiohttp.ClientSession() as http:
@@ -327,7 +327,8 @@ def _table(reqs: list[Req], refs: list[str], events: dict, faults) -> dict:
         ok = [r for r in rs if r.error is None]
         same = [r for r in ok if r.text == refs[r.prompt]]
         ev = events.get(fault, {})
-        after = [r for r in ok if "restarted" in ev and r.sent >= ev["restarted"]]
+        # Recovery: the first request sent after the restart (in any later phase) to complete.
+        after = [r for r in reqs if r.error is None and "restarted" in ev and r.sent >= ev["restarted"]]
         row = {"sent": len(rs), "identical": len(same), "different": len(ok) - len(same),
                "errors": sum(1 for r in rs if r.error and not r.refused and r.error != "HUNG"),
                "refused": sum(1 for r in rs if r.refused), "hung": sum(1 for r in rs if r.error == "HUNG"),

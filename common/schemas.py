@@ -618,6 +618,10 @@ class BatchResult(Message):
     tokens: list[SampledToken] = field(default_factory=list)
     step_seconds: float = 0.0  # the engine's own step() time
     error: str | None = None  # the whole step failed
+    # Jobs the command named that the worker does not hold (a command that
+    # registered them was lost, e.g. with a broker restart): the scheduler
+    # starts over with the worker, and those jobs continue by recompute.
+    unknown_jobs: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- KV moves

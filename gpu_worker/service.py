@@ -247,6 +247,16 @@ class WorkerService:
                 continue  # only ids to forget (the scheduler is idle): no step, no reply
             try:
                 work, errors = self._prepare(cmd)
+                if self._unknown:
+                    # A command that registered them never came: nothing of this
+                    # one can be trusted. The scheduler starts over (recompute).
+                    log.warning("jobs not known to this worker", jobs=self._unknown[:5], iteration=cmd.iteration)
+                    self._reply(cmd, BatchResult(replica=cmd.replica, epoch=cmd.epoch, iteration=cmd.iteration,
+                                                 worker_id=self.config.instance_id, unknown_jobs=self._unknown))
+                    for w in work:
+                        if w.sample and w.job_id in self.seqs:
+                            self.seqs[w.job_id].pending -= 1
+                    continue
             except Exception as exc:  # report, never die: the scheduler fails the batch's jobs
                 log.exception("step failed", iteration=cmd.iteration)
                 self._reply(cmd, BatchResult(replica=cmd.replica, epoch=cmd.epoch, iteration=cmd.iteration,
@@ -264,6 +274,7 @@ class WorkerService:
         from fastserve.gpu_worker.batch import PENDING_TOKEN, SeqWork
 
         errors: dict[str, str] = {}
+        self._unknown: list[str] = []
         for new in cmd.new:
             problem = self._check_sampling(new.sampling)
             if problem:
@@ -278,7 +289,7 @@ class WorkerService:
                 continue
             seq = self.seqs.get(e.job_id)
             if seq is None:
-                errors[e.job_id] = "job not known to this worker (lost state?)"
+                self._unknown.append(e.job_id)
                 continue
             if e.block_table is not None:
                 seq.block_table = list(e.block_table)

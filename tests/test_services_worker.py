@@ -95,8 +95,7 @@ async def test_one_jobs_error_leaves_the_others_running(memory_bus, tiny_model_d
                                                NewJob("tok", "t", [1, vocab + 5], GREEDY)],
                            run=[RunEntry("ok", 0, 3, True, append_blocks=[0]),
                                 RunEntry("topk", 0, 3, True, append_blocks=[1]),
-                                RunEntry("tok", 0, 2, True, append_blocks=[2]),
-                                RunEntry("ghost", 0, 1, True, append_blocks=[3])])
+                                RunEntry("tok", 0, 2, True, append_blocks=[2])])
         await _send(memory_bus, w, cmd)
         res = await replies.get()
         assert res.error is None
@@ -104,7 +103,6 @@ async def test_one_jobs_error_leaves_the_others_running(memory_bus, tiny_model_d
         assert by_job["ok"].error is None and 0 <= by_job["ok"].token_id < vocab
         assert "top_k" in by_job["topk"].error
         assert "vocabulary" in by_job["tok"].error
-        assert "not known" in by_job["ghost"].error
         assert set(w.seqs) == {"ok"}
     finally:
         await w.stop()
@@ -168,3 +166,20 @@ async def test_offload_and_upload_through_a_kv_store_pool(memory_bus, tiny_model
     finally:
         await w.stop()
         pool.close()
+
+
+async def test_a_job_the_worker_never_got_makes_the_scheduler_start_over(memory_bus, tiny_model_dir):
+    """A command that registered a job was lost (a broker restart): the next
+    one names a job the worker does not hold. The worker says so, instead of
+    failing the job, and runs nothing of that command."""
+    replica = f"r{uuid.uuid4().hex[:6]}"
+    w, replies = await _worker(memory_bus, tiny_model_dir, replica)
+    try:
+        await _send(memory_bus, w, BatchCommand(replica, 0, 0, new=[NewJob("a", "t", [1, 2, 3], GREEDY)],
+                                                run=[RunEntry("a", 0, 3, True, append_blocks=[0]),
+                                                     RunEntry("lost", 0, 1, True, append_blocks=[1])]))
+        res = await replies.get(kind=BatchResult)
+        assert res.unknown_jobs == ["lost"] and res.tokens == [] and res.error is None
+        assert w.seqs["a"].pending == 0 and w.seqs["a"].tokens == [1, 2, 3]
+    finally:
+        await w.stop()

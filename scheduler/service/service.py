@@ -289,6 +289,10 @@ class SchedulerService:
             # One worker answers in order: the result of `oldest` was lost on the bus.
             self._end_epoch(f"the result of iteration {oldest} was lost")
             return
+        if result.unknown_jobs:
+            self._end_epoch(f"the worker does not hold {len(result.unknown_jobs)} of its jobs "
+                            f"(a command was lost), e.g. {result.unknown_jobs[0]}")
+            return
         decision, sent = self._inflight.pop(result.iteration)
         received = time.perf_counter()
         self.times.record(sent, received, result.step_seconds, tokens=len(result.tokens))
