@@ -102,7 +102,8 @@ class WorkerService:
         # (prefill tokens, decode jobs, decode context sum, seconds) per step:
         # the in-situ cost of iterations, for calibrating the simulator.
         self.step_log: deque[tuple[int, int, int, float]] = deque(maxlen=100_000)
-        self.stats = {"steps": 0, "step_seconds": 0.0, "copies": 0, "copy_seconds": 0.0, "copy_blocks": 0}
+        self.stats = {"steps": 0, "step_seconds": 0.0, "copies": 0, "copy_seconds": 0.0, "copy_blocks": 0,
+                      "duplicate_commands": 0}
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -202,6 +203,12 @@ class WorkerService:
                 return  # from before the scheduler started over: stale
             elif msg.epoch > self.epoch:
                 self.epoch, self.received, self.completed = msg.epoch, -1, -1
+            elif msg.run and msg.iteration <= self.received:
+                # A publish retried after its confirm was lost (broker restart):
+                # running it again would sample a token the scheduler never counts.
+                log.warning("duplicate command dropped", iteration=msg.iteration, epoch=msg.epoch)
+                self.stats["duplicate_commands"] += 1
+                return
             self.received = max(self.received, msg.iteration)
             self._steps.put_nowait(msg)
         else:

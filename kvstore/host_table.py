@@ -33,6 +33,8 @@ class HostTable:
         self.queued: dict[str, deque[Move]] = {"offload": deque(), "upload": deque()}
         self.in_flight: dict[int, Move] = {}  # move_id -> move
         self.freed_while_moving: set[str] = set()
+        self.last_move_id = -1  # the highest move id planned so far (ids count per scheduler)
+        self.duplicates = 0
 
     @property
     def blocks_used(self) -> int:
@@ -40,6 +42,22 @@ class HostTable:
 
     def jobs_on_host(self) -> int:
         return len(self.holding)
+
+    def add_plan(self, moves: list[Move]) -> list[tuple[Move, str]]:
+        """Queue one plan's moves; those refused, with the reason. Move ids
+        grow from plan to plan, so a move whose id is not above every earlier
+        plan's is a plan published twice (its confirm was lost in a broker
+        restart): it is already queued, running or done, and is skipped."""
+        seen, refused = self.last_move_id, []
+        for move in moves:
+            self.last_move_id = max(self.last_move_id, move.move_id)
+            if move.move_id <= seen:
+                self.duplicates += 1
+                continue
+            problem = self.add(move)
+            if problem is not None:
+                refused.append((move, problem))
+        return refused
 
     def add(self, move: Move) -> str | None:
         """Queue a move; an error (for a report back) if it can never run."""

@@ -132,12 +132,15 @@ class KVStoreService:
         self._worker_queue = plan.worker_queue
         for job_id in plan.free:
             self.table.free(job_id)
-        for order in plan.moves:
-            move = Move(order.move_id, order.job_id, order.direction, list(order.gpu_blocks))
-            problem = self.table.add(move)
-            if problem is not None:
-                log.warning("KV move refused", job_id=move.job_id, direction=move.direction, error=problem)
-                self._report(move, problem)
+        duplicates = self.table.duplicates
+        refused = self.table.add_plan([Move(o.move_id, o.job_id, o.direction, list(o.gpu_blocks))
+                                       for o in plan.moves])
+        if self.table.duplicates > duplicates:
+            log.warning("duplicate KV moves dropped (a plan published twice)",
+                        moves=self.table.duplicates - duplicates)
+        for move, problem in refused:
+            log.warning("KV move refused", job_id=move.job_id, direction=move.direction, error=problem)
+            self._report(move, problem)
         self._start_copies()
 
     def _start_copies(self) -> None:

@@ -125,3 +125,20 @@ def test_a_dead_owners_pool_is_stale_and_replaced(tmp_path):
     pool = HostKVPool.create(PoolSpec(str(path), 4, 64))  # a new, zeroed file
     assert pool.block_view().sum().item() == 0 and os.path.getsize(path) == 256
     pool.close()
+
+
+def test_a_plan_published_twice_moves_once():
+    """A plan retried after its confirm was lost arrives twice: its moves are
+    already queued, running or done, and must not be refused (the refusal
+    would fail the real move at the scheduler) nor run again."""
+    t = HostTable(num_blocks=8, max_in_flight=4)
+    plan = [Move(1, "a", "offload", [0, 1]), Move(2, "b", "offload", [2])]
+    assert t.add_plan(plan) == []
+    started, _ = t.start(0.0)
+    assert t.add_plan([Move(1, "a", "offload", [0, 1]), Move(2, "b", "offload", [2])]) == []
+    assert t.duplicates == 2 and t.start(0.0) == ([], [])
+    t.finish(1, ok=True)
+    assert t.add_plan([Move(1, "a", "offload", [0, 1])]) == [] and t.jobs_on_host() == 2
+    # The next plan's moves (higher ids) run, an upload before an offload included.
+    assert t.add_plan([Move(4, "c", "offload", [3]), Move(3, "a", "upload", [5, 6])]) == []
+    assert sorted(m.move_id for m in t.start(1.0)[0]) == [3, 4]

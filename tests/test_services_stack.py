@@ -286,3 +286,20 @@ async def test_a_lost_kv_store_costs_host_copies_not_tokens(memory_bus, stack_fa
         assert s.scheduler.core.stats.recomputed >= 1
     finally:
         await fresh.stop()
+
+
+async def test_a_submission_published_twice_runs_once(memory_bus, stack_factory, tiny_model_dir, tmp_path):
+    """The gateway's publish retried after its confirm was lost arrives twice,
+    maybe after the job finished: the scheduler must not run it again."""
+    s = await stack_factory(node(tiny_model_dir, tmp_path), memory_bus)
+    client = await Client(memory_bus).start()
+    p = prompts(1, 10, seed=3)[0]
+    job = await client.submit(p, 4, ignore_eos=True)
+    assert (await client.wait(job)).finish_reason == "length"
+    steps = s.worker.stats["steps"]
+    await client.submit(p, 4, job_id=job, ignore_eos=True)  # the duplicate
+    other = await client.submit(p, 4, ignore_eos=True)
+    await client.wait(other)
+    assert client.tokens[job] == client.tokens[other] == offline_greedy(tiny_model_dir, [p], 4)[0]
+    assert not s.scheduler.jobs.num_unfinished() and s.scheduler.core.num_jobs == 0
+    assert s.worker.stats["steps"] - steps == 4  # the other job's steps only

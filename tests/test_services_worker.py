@@ -183,3 +183,25 @@ async def test_a_job_the_worker_never_got_makes_the_scheduler_start_over(memory_
         assert w.seqs["a"].pending == 0 and w.seqs["a"].tokens == [1, 2, 3]
     finally:
         await w.stop()
+
+
+async def test_a_command_published_twice_runs_once(memory_bus, tiny_model_dir):
+    """A publish retried after its confirm was lost (broker restart) arrives
+    twice: running it again would sample a token the scheduler never counts,
+    and the next command would not match the worker's tokens."""
+    replica = f"r{uuid.uuid4().hex[:6]}"
+    w, replies = await _worker(memory_bus, tiny_model_dir, replica)
+    try:
+        first = BatchCommand(replica, 0, 0, new=[NewJob("a", "t", [1, 2, 3], GREEDY)],
+                             run=[RunEntry("a", 0, 3, True, append_blocks=[0])])
+        await _send(memory_bus, w, first)
+        assert (await replies.get()).tokens[0].error is None
+        await _send(memory_bus, w, first)  # the duplicate
+        await _send(memory_bus, w, BatchCommand(replica, 0, 1, run=[RunEntry("a", 3, 1, True)]))
+        res = await replies.get(kind=BatchResult)
+        assert res.iteration == 1 and res.tokens[0].error is None, res
+        assert len(w.seqs["a"].tokens) == 5 and w.stats["duplicate_commands"] == 1
+        await asyncio.sleep(0.1)
+        assert replies.q.empty()  # no second result for iteration 0
+    finally:
+        await w.stop()

@@ -18,8 +18,10 @@ from fastserve.scheduler.service.job_table import Job, JobTable
 
 log = structlog.get_logger("fastserve.scheduler")
 
-# Cancels remembered, so a job cancelled before it arrived (or redelivered) is dropped.
-_RECENT_CANCELS = 10000
+# Ids of jobs that ended (cancelled, finished, failed) remembered, so a job
+# cancelled before it arrived, or a submission published twice (its confirm was
+# lost in a broker restart), is dropped instead of run again.
+_RECENT_ENDED = 10000
 
 
 class ServiceState:
@@ -29,12 +31,12 @@ class ServiceState:
         self.core = core
         self.jobs = jobs
         self.instance_id = instance_id
-        self._recent_cancels: OrderedDict[str, None] = OrderedDict()
+        self._recent_ended: OrderedDict[str, None] = OrderedDict()
         self._events: dict[str, list[TokenEvent]] = {}  # reply queue -> events, in order
 
     # ------------------------------------------------------------------ jobs
     def submit(self, msg: JobSubmit, now: float) -> None:
-        if msg.job_id in self._recent_cancels or msg.job_id in self.jobs:
+        if msg.job_id in self._recent_ended or msg.job_id in self.jobs:
             return  # cancelled before it arrived, or a redelivery: idempotent
         job, error = self.jobs.admit(msg, now)
         log.debug("job received", job_id=msg.job_id, trace_id=msg.trace_id,
@@ -53,10 +55,13 @@ class ServiceState:
         # before the first token, the gateway knows to resubmit it.
         self._emit(job.reply_to, job.event([]))
 
+    def _ended(self, job_id: str) -> None:
+        self._recent_ended[job_id] = None
+        while len(self._recent_ended) > _RECENT_ENDED:
+            self._recent_ended.popitem(last=False)
+
     def cancel(self, job_id: str, reason: str) -> None:
-        self._recent_cancels[job_id] = None
-        while len(self._recent_cancels) > _RECENT_CANCELS:
-            self._recent_cancels.popitem(last=False)
+        self._ended(job_id)
         job = self.jobs.get(job_id)
         if job is None:
             return
@@ -70,6 +75,7 @@ class ServiceState:
         self._emit(job.reply_to, job.event([], error=error))
         self.core.cancel(job.job_id)
         self.jobs.forget(job.job_id)
+        self._ended(job.job_id)
 
     def fail_all(self, error: str) -> None:
         for job in list(self.jobs):
@@ -128,6 +134,7 @@ class ServiceState:
         self.core.update(IterationResult(decision.iteration, result.step_seconds, finished), now)
         for job_id in finished:
             self.jobs.forget(job_id)
+            self._ended(job_id)
         for job, error in failed:
             self.fail(job, f"worker error: {error}")
 
