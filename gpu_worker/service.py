@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -40,6 +40,8 @@ from fastserve.common.schemas import (
 )
 
 log = structlog.get_logger("fastserve.worker")
+
+_RECENT_COPIES = 10000  # copies remembered for deduplication (far more than are ever in flight)
 
 
 @dataclass
@@ -92,6 +94,10 @@ class WorkerService:
         self.scheduler_id = ""  # the scheduler whose commands it runs
         self.epoch = -1  # that scheduler's newest epoch seen
         self.received = -1  # highest iteration received in that epoch
+        # Copies received lately, by (job, move): a copy published twice (its
+        # confirm lost in a broker restart) must not run again, since by then
+        # its blocks may belong to another job.
+        self._recent_copies: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.completed = -1  # highest iteration finished in that epoch
         self._steps: asyncio.Queue[BatchCommand] = asyncio.Queue()
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="kv-copy")
@@ -103,7 +109,7 @@ class WorkerService:
         # the in-situ cost of iterations, for calibrating the simulator.
         self.step_log: deque[tuple[int, int, int, float]] = deque(maxlen=100_000)
         self.stats = {"steps": 0, "step_seconds": 0.0, "copies": 0, "copy_seconds": 0.0, "copy_blocks": 0,
-                      "duplicate_commands": 0}
+                      "duplicate_commands": 0, "duplicate_copies": 0}
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -212,6 +218,14 @@ class WorkerService:
             self.received = max(self.received, msg.iteration)
             self._steps.put_nowait(msg)
         else:
+            key = (msg.job_id, msg.move_id)
+            if key in self._recent_copies:
+                log.warning("duplicate KV copy dropped", job_id=msg.job_id, move_id=msg.move_id)
+                self.stats["duplicate_copies"] += 1
+                return
+            self._recent_copies[key] = None
+            if len(self._recent_copies) > _RECENT_COPIES:
+                self._recent_copies.popitem(last=False)
             self._tasks.spawn(self._copy(msg), f"copy-{msg.move_id}")
 
     def _forget(self, job_ids) -> None:
