@@ -61,9 +61,11 @@ class SchedulerCore(KVPlacementMixin):
         c = config
         self.base_quantum = c.base_quantum or cost_model.decode_time(c.typical_batch, c.typical_context)
         self.slo = c.slo_factor * self.base_quantum
-        self.starvation_threshold = c.starvation_threshold or c.starvation_slo_factor * self.slo
         self.policy = make_policy(c.policy, cost_model=cost_model, base_quantum=self.base_quantum,
-                                  num_queues=c.num_queues, quantum_ratio=c.quantum_ratio)
+                                  num_queues=c.num_queues, quantum_ratio=c.quantum_ratio,
+                                  max_batch_size=c.max_batch_size, max_model_len=c.max_model_len)
+        self.starvation_threshold = ((c.starvation_threshold or c.starvation_slo_factor * self.slo)
+                                     * self.policy.starvation_patience)
         n = self.policy.num_levels
         # ENST needs finite quanta even where the policy never demotes.
         self._qf = [self.base_quantum * c.quantum_ratio ** i for i in range(n)]
@@ -101,6 +103,7 @@ class SchedulerCore(KVPlacementMixin):
         self._set_key(job)
         self._jobs[spec.job_id] = job
         self._levels[job.level].add(job)
+        self.policy.arrive(job, now)
         self._starve[spec.job_id] = job
         self.join_histogram[job.level] += 1
 
@@ -162,6 +165,7 @@ class SchedulerCore(KVPlacementMixin):
             job = self._jobs.get(jid)
             if job is not None and not job.cancelled:
                 self.stats.finished += 1
+                self.policy.observe(job)
                 self._retire(job)
 
     def copy_done(self, job_id: str, direction: str, now: float) -> None:
@@ -233,7 +237,7 @@ class SchedulerCore(KVPlacementMixin):
     def _set_key(self, job: Job) -> None:
         self._seq += 1
         job.seq = self._seq
-        job.key = self.policy.key(job.seq, job.remaining_tokens)
+        job.key = self.policy.key(job)
 
     def _set_loc(self, job: Job, loc: Loc) -> None:
         if job.loc is not Loc.NONE:
@@ -263,7 +267,7 @@ class SchedulerCore(KVPlacementMixin):
         self._levels[job.level].charge_sum -= charge  # remove() below then takes off 0
         self._seq += 1
         job.seq = self._seq
-        self._reprioritize(job, level, self.policy.key(job.seq, job.remaining_tokens))
+        self._reprioritize(job, level, self.policy.key(job))
 
     def _charge(self, job: Job, elapsed: float, now: float) -> None:
         lv = self._levels[job.level]
@@ -274,8 +278,10 @@ class SchedulerCore(KVPlacementMixin):
         if job.charge > self.policy.quanta[job.level] and job.level + 1 < len(self._levels):
             self.stats.demotions += 1
             self._move(job, job.level + 1)
-        elif self.policy.oracle:
-            self._reprioritize(job, job.level, self.policy.key(job.seq, job.remaining_tokens))
+        elif self.policy.rekey:
+            key = self.policy.key(job)
+            if key != job.key:
+                self._reprioritize(job, job.level, key)
 
     def _promote(self, now: float) -> None:
         limit = self.config.max_promotions_per_iteration
@@ -304,6 +310,7 @@ class SchedulerCore(KVPlacementMixin):
         tokens_left = cfg.max_tokens_per_batch
         max_b = cfg.max_batch_size
         admit_open = True
+        waiting = sum(lv.num_fresh for lv in self._levels)  # O(levels)
         # Jobs that cannot run (blocked, swapped) are looked at up to a budget,
         # so memory pressure cannot make one iteration scan every job.
         budget = cfg.max_candidates
@@ -329,6 +336,8 @@ class SchedulerCore(KVPlacementMixin):
                 loc = job.loc
                 if loc is Loc.GPU:
                     n = min(job.known_tokens - job.num_computed, tokens_left)
+                    if n > 1 and self.policy.defer_prefill(job, n, w.batch, waiting):
+                        continue
                     need = -(-(job.num_computed + n) // bs) - len(job.gpu_blocks)
                     if need <= free:
                         w.batch.append((job, n))
@@ -340,6 +349,9 @@ class SchedulerCore(KVPlacementMixin):
                     if not admit_open:
                         continue
                     n = min(job.known_tokens, tokens_left)
+                    if self.policy.defer_prefill(job, n, w.batch, waiting):
+                        admit_open = False  # the prefills behind it wait too
+                        continue
                     need = -(-n // bs)
                     full = self._blocks(job.spec.input_len + job.spec.max_tokens)
                     if need <= free and (not reserve_mode or full <= unreserved):
