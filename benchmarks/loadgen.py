@@ -3,10 +3,13 @@ paper's measures as JSON.
 
     python benchmarks/loadgen.py --url http://127.0.0.1:8000 --workload alpaca --num-jobs 200 --rate 8
     python benchmarks/loadgen.py --spawn --policy fcfs --workload sharegpt --scale 0.25 --rate 2 --sim
+    python benchmarks/loadgen.py --spawn --broker amqp://guest:guest@127.0.0.1:5672/ \
+        --policy default,fcfs --workload chat,rag --scale 0.25 --rate 3 --num-jobs 150
 
 Workloads come from the scheduler's generators (fastserve.scheduler.sim.workload):
-`sharegpt` / `alpaca` (lognormal lengths, Poisson or Gamma arrivals) or a JSONL
-trace ({"arrival_time", "input_len", "output_len"} per line). Each job is sent
+`sharegpt` / `alpaca` (lognormal lengths), the request-family mixes `chat`,
+`summarization`, `rag`, `code` (scheduler/sim/mixes.py; Poisson or Gamma
+arrivals), or a JSONL trace ({"arrival_time", "input_len", "output_len"} per line). Each job is sent
 at its arrival time as a streaming /v1/completions request whose prompt is
 `input_len` token ids and whose output is exactly `output_len` tokens
 (max_tokens + ignore_eos), so the real stack and the simulator see one workload.
@@ -14,7 +17,10 @@ at its arrival time as a streaming /v1/completions request whose prompt is
 Measures per job: TTFT, TPOT (time per output token after the first), JCT and
 normalized latency (JCT / output tokens); mean, P50, P95, P99 of each, and
 throughput. `--spawn` starts the whole stack in this process (`fastserve up`
-on the in-memory bus) with the given --policy; `--sim` also runs the
+on the in-memory bus, or RabbitMQ with --broker) with the given --policy; with
+several workloads and/or policies it runs each pair in turn, a fresh stack
+each, and reports them side by side (`comparison`: per workload, each policy's
+normalized latency and its ratio to the first policy's); `--sim` also runs the
 discrete-event simulator on the same trace with the cost model of --profile
 (default: the scheduler's built-in CPU profile) and prints its prediction
 beside the measurement; with --spawn also `sim_in_situ`: the step costs this
@@ -328,7 +334,8 @@ async def spawn_and_run(args, jobs) -> tuple[list[Result], float, dict]:
                      device=args.device, dtype=args.dtype, pipeline_depth=args.pipeline_depth)
     from fastserve.common.bus import make_bus
 
-    bus = make_bus(args.broker, namespace=f"loadgen-{args.port}-{int(time.time())}") if args.broker else MemoryBus()
+    bus = make_bus(args.broker, namespace=f"loadgen-{args.port}-{args.policy}-{int(time.time())}") \
+        if args.broker else MemoryBus()
     await bus.connect()
     stack = await Stack(cfg, bus).start()
     try:
@@ -378,15 +385,20 @@ async def _wait_health(url: str) -> None:
     raise TimeoutError(f"{url}/health never became 200")
 
 
-def main(argv: list[str] | None = None) -> int:
+POLICIES = ("default", "gittins", "sj-mlfq", "mlfq", "fcfs")  # what `fastserve up --policy` takes
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--url", help="gateway base URL (without /v1); or --spawn")
     p.add_argument("--spawn", action="store_true", help="start the stack in this process (fastserve up)")
     p.add_argument("--api-key")
-    p.add_argument("--workload", default="alpaca", help="sharegpt | alpaca | trace.jsonl")
+    p.add_argument("--workload", default="alpaca",
+                   help="sharegpt | alpaca (presets), chat | summarization | rag | code (mixes) | trace.jsonl; "
+                        "with --spawn a comma-separated list runs each in turn")
     p.add_argument("--num-jobs", type=int, default=100)
     p.add_argument("--rate", type=float, default=4.0, help="mean arrivals per second")
-    p.add_argument("--cv", type=float, default=1.0, help="output-length coefficient of variation")
+    p.add_argument("--cv", type=float, default=None, help="output-length CV of a preset (default 1)")
     p.add_argument("--arrival-cv", type=float, default=1.0, help="1: Poisson; >1 burstier (Gamma)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every length (CPU-sized runs)")
     p.add_argument("--seed", type=int, default=0)
@@ -401,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--broker", help="with --spawn: amqp://... to put the services on RabbitMQ (default: in-memory bus)")
     p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--policy", default="sj-mlfq", choices=["sj-mlfq", "mlfq", "fcfs"])
+    p.add_argument("--policy", default="default",
+                   help=f"{' | '.join(POLICIES)}; with --spawn a comma-separated list runs each in turn")
     p.add_argument("--kv-policy", default="proactive")
     p.add_argument("--pipeline-depth", type=int, default=1)
     p.add_argument("--max-batch-size", type=int, default=32)
@@ -414,6 +427,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.url and not args.spawn:
         p.error("give --url of a running gateway, or --spawn")
+    args.workloads = [w.strip() for w in args.workload.split(",") if w.strip()]
+    args.policies = [x.strip() for x in args.policy.split(",") if x.strip()]
+    bad = [x for x in args.policies if x not in POLICIES]
+    if bad or not args.policies or not args.workloads:
+        p.error(f"--policy: choose from {', '.join(POLICIES)}")
+    if len(args.workloads) * len(args.policies) > 1 and (not args.spawn or args.trace_out):
+        p.error("several workloads or policies need --spawn (each run starts its own stack) and no --trace-out")
+    return args
+
+
+def run_one(args: argparse.Namespace) -> tuple[dict, dict]:
+    """One workload under one policy: the report and the traces."""
     jobs = load_jobs(args)
     report: dict = {"workload": args.workload, "num_jobs": len(jobs), "rate": args.rate, "scale": args.scale,
                     "policy": args.policy if args.spawn else None,
@@ -449,13 +474,42 @@ def main(argv: list[str] | None = None) -> int:
             traces[name] = sim_trace(res)
             if real_jct:
                 report[name]["mean_jct_error_vs_real"] = (sim["mean_jct"] - real_jct) / real_jct
-    text = json.dumps(report, indent=1)
+    return report, traces
+
+
+def compare(reports: list[dict]) -> dict:
+    """Per workload, each policy's normalized latency and its ratio to the first policy's."""
+    out: dict = {}
+    for r in reports:
+        nl = r["real"]["norm_latency_s_per_token"]
+        out.setdefault(r["workload"], {})[r["policy"]] = {"mean": nl.get("mean"), "p95": nl.get("p95"),
+                                                          "errors": r["real"]["errors"]}
+    for per in out.values():
+        first = next(iter(per.values()))["mean"]
+        for v in per.values():
+            v["mean_vs_first_policy"] = v["mean"] / first if first and v["mean"] else None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    runs = []
+    for workload in args.workloads:
+        for policy in args.policies:
+            one = argparse.Namespace(**{**vars(args), "workload": workload, "policy": policy})
+            runs.append(run_one(one))
+    if len(runs) == 1:
+        report, traces = runs[0]
+        text = json.dumps(report, indent=1)
+        if args.trace_out:
+            Path(args.trace_out).write_text(json.dumps({"args": vars(args), "report": report, "traces": traces}) + "\n")
+    else:
+        reports = [r for r, _ in runs]
+        text = json.dumps({"comparison": compare(reports), "runs": reports}, indent=1)
     print(text)
-    if args.trace_out:
-        Path(args.trace_out).write_text(json.dumps({"args": vars(args), "report": report, "traces": traces}) + "\n")
     if args.out:
         Path(args.out).write_text(text + "\n")
-    return 0 if report["real"]["errors"] == 0 else 1
+    return 0 if all(r["real"]["errors"] == 0 for r, _ in runs) else 1
 
 
 if __name__ == "__main__":

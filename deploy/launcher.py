@@ -37,7 +37,7 @@ class NodeConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "gateway listen address"})
     port: int = field(default=8000, metadata={"help": "gateway listen port"})
     api_key: str | None = field(default=None, metadata={"help": "comma-separated API keys the gateway accepts (default: none needed)"})
-    policy: Literal["sj-mlfq", "mlfq", "fcfs"] = field(default="sj-mlfq", metadata={"help": "job scheduling policy"})
+    policy: Literal["default", "gittins", "sj-mlfq", "mlfq", "fcfs"] = field(default="default", metadata={"help": "job scheduling policy (default: gittins, docs/scheduler.md)"})
     kv_policy: Literal["proactive", "reactive", "recompute", "none"] = field(default="proactive", metadata={"help": "KV placement policy"})
     max_batch_size: int = field(default=32, metadata={"help": "jobs per iteration"})
     max_tokens_per_batch: int = field(default=2048, metadata={"help": "tokens per iteration"})

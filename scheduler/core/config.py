@@ -8,7 +8,7 @@ from fastserve.scheduler.core.policies import POLICY_NAMES
 
 @dataclass
 class SchedulerCoreConfig:
-    policy: str = "sj-mlfq"
+    policy: str = "default"
     max_batch_size: int = 32
     max_tokens_per_batch: int = 2048
     block_size: int = 16

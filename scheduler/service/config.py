@@ -13,7 +13,7 @@ class SchedulerServiceConfig:
     replica: str = "default"
     instance_id: str = ""
     model: str = "fastserve"  # served model name, reported in stats
-    policy: str = "sj-mlfq"
+    policy: str = "default"
     kv_policy: str = "proactive"
     max_batch_size: int = 32
     max_tokens_per_batch: int = 2048

@@ -31,7 +31,7 @@ UNLIMITED_BLOCKS = 1 << 20
 
 @dataclass
 class SimConfig:
-    policy: str = "sj-mlfq"
+    policy: str = "default"
     kv_policy: str = "proactive"
     gpu_kv_blocks: int | None = None  # None: unconstrained
     host_kv_blocks: int | None = None  # None: 4x the GPU pool
