@@ -107,13 +107,14 @@ class GittinsPolicy(_IndexPolicy):
     """Highest Gittins index first, with prefill deferral (module docstring).
 
     Two levels: jobs join level 1; a job that has not run for
-    `starvation_patience` x the core's starvation threshold is promoted to
-    level 0 and goes back after `PROMOTED_QUANTA` base quanta of service. The
-    index already serves jobs by value, so this only bounds how long the
-    lowest-index jobs wait when the server is overloaded (which costs some
-    mean latency there: docs/scheduler.md)."""
+    `starvation_patience` x the core's starvation threshold (800 x SLO by
+    default) is promoted to level 0 and goes back after `PROMOTED_QUANTA` base
+    quanta of service. A backstop, not a scheduling rule: the index already
+    serves jobs by value, and an earlier promotion turns an overloaded server
+    into FCFS among the starving (4x: worse than fcfs 30% above capacity;
+    benchmarks/results/policies.md)."""
 
-    starvation_patience = 4.0
+    starvation_patience = 16.0
     PROMOTED_QUANTA = 8
 
     @classmethod
