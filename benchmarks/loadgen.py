@@ -4,7 +4,7 @@ paper's measures as JSON.
     python benchmarks/loadgen.py --url http://127.0.0.1:8000 --workload alpaca --num-jobs 200 --rate 8
     python benchmarks/loadgen.py --spawn --policy fcfs --workload sharegpt --scale 0.25 --rate 2 --sim
     python benchmarks/loadgen.py --spawn --broker amqp://guest:guest@127.0.0.1:5672/ \
-        --policy default,fcfs --workload chat,rag --scale 0.25 --rate 3 --num-jobs 150
+        --policy default,fcfs --workload chat,rag --rate 4.5,2.5 --scale 0.25 --num-jobs 90
 
 Workloads come from the scheduler's generators (fastserve.scheduler.sim.workload):
 `sharegpt` / `alpaca` (lognormal lengths), the request-family mixes `chat`,
@@ -397,7 +397,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="sharegpt | alpaca (presets), chat | summarization | rag | code (mixes) | trace.jsonl; "
                         "with --spawn a comma-separated list runs each in turn")
     p.add_argument("--num-jobs", type=int, default=100)
-    p.add_argument("--rate", type=float, default=4.0, help="mean arrivals per second")
+    p.add_argument("--rate", default="4.0",
+                   help="mean arrivals per second; with several workloads, one rate or one per workload (a,b,...)")
     p.add_argument("--cv", type=float, default=None, help="output-length CV of a preset (default 1)")
     p.add_argument("--arrival-cv", type=float, default=1.0, help="1: Poisson; >1 burstier (Gamma)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every length (CPU-sized runs)")
@@ -428,6 +429,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.url and not args.spawn:
         p.error("give --url of a running gateway, or --spawn")
     args.workloads = [w.strip() for w in args.workload.split(",") if w.strip()]
+    try:
+        args.rates = [float(r) for r in args.rate.split(",")]
+    except ValueError:
+        p.error(f"--rate: expected numbers, got {args.rate!r}")
+    if len(args.rates) == 1:
+        args.rates *= len(args.workloads)
+    if len(args.rates) != len(args.workloads) or min(args.rates) <= 0:
+        p.error("--rate: one positive rate, or one per workload")
+    args.rate = args.rates[0]
     args.policies = [x.strip() for x in args.policy.split(",") if x.strip()]
     bad = [x for x in args.policies if x not in POLICIES]
     if bad or not args.policies or not args.workloads:
@@ -494,9 +504,9 @@ def compare(reports: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     runs = []
-    for workload in args.workloads:
+    for workload, rate in zip(args.workloads, args.rates):
         for policy in args.policies:
-            one = argparse.Namespace(**{**vars(args), "workload": workload, "policy": policy})
+            one = argparse.Namespace(**{**vars(args), "workload": workload, "rate": rate, "policy": policy})
             runs.append(run_one(one))
     if len(runs) == 1:
         report, traces = runs[0]
