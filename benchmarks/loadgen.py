@@ -3,10 +3,13 @@ paper's measures as JSON.
 
     python benchmarks/loadgen.py --url http://127.0.0.1:8000 --workload alpaca --num-jobs 200 --rate 8
     python benchmarks/loadgen.py --spawn --policy fcfs --workload sharegpt --scale 0.25 --rate 2 --sim
+    python benchmarks/loadgen.py --spawn --broker amqp://guest:guest@127.0.0.1:5672/ \
+        --policy default,fcfs --workload chat,rag --rate 4.5,2.5 --scale 0.25 --num-jobs 90
 
 Workloads come from the scheduler's generators (fastserve.scheduler.sim.workload):
-`sharegpt` / `alpaca` (lognormal lengths, Poisson or Gamma arrivals) or a JSONL
-trace ({"arrival_time", "input_len", "output_len"} per line). Each job is sent
+`sharegpt` / `alpaca` (lognormal lengths), the request-family mixes `chat`,
+`summarization`, `rag`, `code` (scheduler/sim/mixes.py; Poisson or Gamma
+arrivals), or a JSONL trace ({"arrival_time", "input_len", "output_len"} per line). Each job is sent
 at its arrival time as a streaming /v1/completions request whose prompt is
 `input_len` token ids and whose output is exactly `output_len` tokens
 (max_tokens + ignore_eos), so the real stack and the simulator see one workload.
@@ -14,7 +17,10 @@ at its arrival time as a streaming /v1/completions request whose prompt is
 Measures per job: TTFT, TPOT (time per output token after the first), JCT and
 normalized latency (JCT / output tokens); mean, P50, P95, P99 of each, and
 throughput. `--spawn` starts the whole stack in this process (`fastserve up`
-on the in-memory bus) with the given --policy; `--sim` also runs the
+on the in-memory bus, or RabbitMQ with --broker) with the given --policy; with
+several workloads and/or policies it runs each pair in turn, a fresh stack
+each, and reports them side by side (`comparison`: per workload, each policy's
+normalized latency and its ratio to the first policy's); `--sim` also runs the
 discrete-event simulator on the same trace with the cost model of --profile
 (default: the scheduler's built-in CPU profile) and prints its prediction
 beside the measurement; with --spawn also `sim_in_situ`: the step costs this
@@ -44,6 +50,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from fastserve.common import settings as S
 
 
 @dataclass
@@ -373,7 +381,8 @@ async def spawn_and_run(args, jobs, queues: dict | None = None) -> tuple[list[Re
                      device=args.device, dtype=args.dtype, max_batches_in_flight=args.max_batches_in_flight)
     from fastserve.common.bus import make_bus
 
-    bus = make_bus(args.broker, namespace=f"loadgen-{args.port}-{int(time.time())}") if args.broker else MemoryBus()
+    bus = make_bus(args.broker, namespace=f"loadgen-{args.port}-{args.policy}-{int(time.time())}") \
+        if args.broker else MemoryBus()
     await bus.connect()
     stack = await Stack(cfg, bus).start()
     try:
@@ -423,15 +432,24 @@ async def _wait_health(url: str) -> None:
     raise TimeoutError(f"{url}/health never became 200")
 
 
-def main(argv: list[str] | None = None) -> int:
+# What `fastserve up --policy` takes, srpt and oracle included: loadgen sets
+# max_tokens to each job's true output length, so they know it, as in the simulator.
+POLICIES = S.POLICIES
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--url", help="gateway base URL (without /v1); or --spawn")
     p.add_argument("--spawn", action="store_true", help="start the stack in this process (fastserve up)")
     p.add_argument("--api-key")
-    p.add_argument("--workload", default="alpaca", help="sharegpt | alpaca | trace.jsonl")
+    p.add_argument("--workload", default="alpaca",
+                   help="sharegpt | alpaca (presets), chat | summarization | rag | code (mixes) | trace.jsonl; "
+                        "a comma-separated list runs each in turn")
     p.add_argument("--num-jobs", type=int, default=100)
-    p.add_argument("--rate", default="4", help="mean arrivals per second; comma-separated: one run each")
-    p.add_argument("--cv", type=float, default=1.0, help="output-length coefficient of variation")
+    p.add_argument("--rate", default="4",
+                   help="mean arrivals per second; comma-separated: with one workload, one run per rate; "
+                        "with several, one rate per workload")
+    p.add_argument("--cv", type=float, default=None, help="output-length CV of a preset (default 1)")
     p.add_argument("--arrival-cv", type=float, default=1.0, help="1: Poisson; >1 burstier (Gamma)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every length (CPU-sized runs)")
     p.add_argument("--seed", type=int, default=0)
@@ -446,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--broker", help="with --spawn: amqp://... to put the services on RabbitMQ (default: in-memory bus)")
     p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--policy", default="sj-mlfq", help="sj-mlfq | mlfq | fcfs; comma-separated: one run each")
+    p.add_argument("--policy", default="default",
+                   help=f"{' | '.join(POLICIES)}; with --spawn a comma-separated list runs each in turn")
     p.add_argument("--kv-policy", default="proactive")
     p.add_argument("--max-batches-in-flight", type=int, default=2)
     p.add_argument("--max-batch-size", type=int, default=32)
@@ -459,31 +478,32 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.url and not args.spawn:
         p.error("give --url of a running gateway, or --spawn")
+    workloads = [w.strip() for w in args.workload.split(",") if w.strip()]
     try:
         rates = [float(x) for x in args.rate.split(",") if x.strip()]
     except ValueError:
         p.error(f"--rate: expected numbers, got {args.rate!r}")
-    policies = [x.strip() for x in args.policy.split(",") if x.strip()]
-    if not rates or any(r <= 0 for r in rates) or not policies:
-        p.error("--rate and --policy need at least one value (rates > 0)")
-    if any(x not in ("sj-mlfq", "mlfq", "fcfs") for x in policies):
-        p.error(f"--policy: choose from sj-mlfq, mlfq, fcfs, got {args.policy!r}")
-    if len(policies) > 1 and not args.spawn:
+    if not workloads or not rates or min(rates) <= 0:
+        p.error("--workload and --rate need at least one value (rates > 0)")
+    if len(workloads) == 1:
+        args.pairs = [(workloads[0], r) for r in rates]
+    elif len(rates) in (1, len(workloads)):
+        args.pairs = list(zip(workloads, rates * len(workloads) if len(rates) == 1 else rates))
+    else:
+        p.error("--rate: with several workloads, one rate or one per workload")
+    args.policies = [x.strip() for x in args.policy.split(",") if x.strip()]
+    bad = [x for x in args.policies if x not in POLICIES]
+    if bad or not args.policies:
+        p.error(f"--policy: choose from {', '.join(POLICIES)}, got {args.policy!r}")
+    if len(args.policies) > 1 and not args.spawn:
         p.error("several policies need --spawn (a running gateway has one)")
-    if len(rates) * len(policies) > 1 and (args.sim or args.trace_out):
-        p.error("--sim and --trace-out take one rate and one policy")
-    runs = [_run_one(argparse.Namespace(**{**vars(args), "rate": r, "policy": pol}))
-            for pol in policies for r in rates]
-    report = runs[0] if len(runs) == 1 else {"runs": runs}
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-        _plots(args.out, runs)
-    return 0 if all(r["real"]["errors"] == 0 for r in runs) else 1
+    if len(args.pairs) * len(args.policies) > 1 and args.trace_out:
+        p.error("--trace-out takes one run: one workload, one rate, one policy")
+    return args
 
 
-def _run_one(args) -> dict:
+def run_one(args: argparse.Namespace) -> tuple[dict, dict]:
+    """One workload at one rate under one policy: the report and the traces."""
     jobs = load_jobs(args)
     report: dict = {"workload": args.workload, "num_jobs": len(jobs), "rate": args.rate, "scale": args.scale,
                     "policy": args.policy if args.spawn else None,
@@ -521,14 +541,48 @@ def _run_one(args) -> dict:
             traces[name] = sim_trace(res)
             if real_jct:
                 report[name]["mean_jct_error_vs_real"] = (sim["mean_jct"] - real_jct) / real_jct
-    if args.trace_out:
-        Path(args.trace_out).write_text(json.dumps({"args": vars(args), "report": report, "traces": traces}) + "\n")
-    return report
+    return report, traces
+
+
+def compare(reports: list[dict]) -> dict:
+    """Per workload and rate, each policy's normalized latency and its ratio to the first policy's."""
+    out: dict = {}
+    for r in reports:
+        nl = r["real"]["norm_latency_s_per_token"]
+        out.setdefault(f"{r['workload']}@{r['rate']:g}", {})[r["policy"] or "served"] = {
+            "mean": nl.get("mean"), "p95": nl.get("p95"), "errors": r["real"]["errors"]}
+    for per in out.values():
+        first = next(iter(per.values()))["mean"]
+        for v in per.values():
+            v["mean_vs_first_policy"] = v["mean"] / first if first and v["mean"] else None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    runs = []
+    for workload, rate in args.pairs:
+        for policy in args.policies:
+            one = argparse.Namespace(**{**vars(args), "workload": workload, "rate": rate, "policy": policy})
+            runs.append(run_one(one))
+    reports = [r for r, _ in runs]
+    if len(runs) == 1:
+        report, traces = runs[0]
+        text = json.dumps(report, indent=1)
+        if args.trace_out:
+            Path(args.trace_out).write_text(json.dumps({"args": vars(args), "report": report, "traces": traces}) + "\n")
+    else:
+        text = json.dumps({"comparison": compare(reports), "runs": reports}, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        _plots(args.out, reports)
+    return 0 if all(r["real"]["errors"] == 0 for r in reports) else 1
 
 
 def _plots(out: str, runs: list[dict]) -> None:
-    """Beside the JSON: jobs per level over the first run; with several rates,
-    latency and TTFT against the rate per policy, with the SLO line."""
+    """Beside the JSON: jobs per level over the first run; with several rates
+    of one workload, latency and TTFT against the rate per policy, with the SLO line."""
     from fastserve.scheduler.sim.plot import PlotUnavailable, plot_occupancy, plot_rates
 
     stem = Path(out).with_suffix("")
@@ -539,10 +593,11 @@ def _plots(out: str, runs: list[dict]) -> None:
         if q["t"]:
             plot_occupancy(f"{stem}.occupancy.png", q["t"], q["jobs_per_level"],
                            f"{title}, {first['policy'] or 'served'} at {first['rate']:g} req/s: jobs per queue")
-        if len({r["rate"] for r in runs}) > 1:
+        same = [r for r in runs if r["workload"] == first["workload"]]
+        if len({r["rate"] for r in same}) > 1:
             norm: dict[str, list] = {}
             ttft: dict[str, list] = {}
-            for r in runs:
+            for r in same:
                 name = r["policy"] or "served"
                 norm.setdefault(name, []).append((r["rate"], r["real"]["norm_latency_s_per_token"].get("mean")))
                 ttft.setdefault(name, []).append((r["rate"], r["real"]["ttft_s"].get("mean")))

@@ -19,7 +19,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
-POLICIES = ("sj-mlfq", "mlfq", "fcfs", "srpt")
+# "default" names the policy `fastserve up` runs (scheduler/core/policies.py DEFAULT_POLICY).
+POLICIES = ("default", "gittins", "sj-mlfq", "mlfq", "fcfs", "srpt", "oracle")
 KV_POLICIES = ("proactive", "reactive", "recompute", "none")
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -112,7 +113,7 @@ DIST_TIMEOUT = Setting(300.0, "seconds a worker rank waits for its peers (joinin
                               "the replica counts as broken", _positive, POS)
 
 # ------------------------------------------------------------------ scheduling
-POLICY = Setting("sj-mlfq", "job scheduling policy", _one_of(POLICIES), f"must be one of {', '.join(POLICIES)}")
+POLICY = Setting("default", "job scheduling policy (default: gittins, docs/scheduler.md)", _one_of(POLICIES), f"must be one of {', '.join(POLICIES)}")
 KV_POLICY = Setting("proactive", "KV placement policy", _one_of(KV_POLICIES),
                     f"must be one of {', '.join(KV_POLICIES)}")
 MAX_BATCH_SIZE = Setting(32, "jobs per iteration", _positive, POS)

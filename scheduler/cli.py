@@ -10,13 +10,17 @@ import sys
 def register(subparsers) -> None:
     p = subparsers.add_parser("sim", help="simulate scheduling policies on a workload (no model needed)",
                               description="Discrete-event simulation of the scheduler core.")
-    p.add_argument("--policy", default="sj-mlfq,mlfq,fcfs,srpt",
-                   help="comma-separated: sj-mlfq, mlfq, fcfs, srpt (default: all)")
+    p.add_argument("--policy", default="default,sj-mlfq,mlfq,fcfs,srpt,oracle",
+                   help="comma-separated: default (= gittins), gittins, sj-mlfq, mlfq, fcfs, srpt, oracle "
+                        "(default: all but gittins)")
     p.add_argument("--kv-policy", default="proactive", help="proactive | reactive | recompute | none")
-    p.add_argument("--workload", default="sharegpt", help="sharegpt | alpaca | longprompt | PATH.jsonl")
+    p.add_argument("--workload", default="sharegpt",
+                   help="sharegpt | alpaca | longprompt (presets), chat | summarization | rag | code "
+                        "(mixes of request families, scheduler/sim/mixes.py) | PATH.jsonl")
     p.add_argument("--rate", type=float, default=None, help="arrival rate, req/s (start point of --sweep-rates)")
     p.add_argument("--num-jobs", type=int, default=1000)
-    p.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of output lengths")
+    p.add_argument("--cv", type=float, default=None,
+                   help="coefficient of variation of a preset's output lengths (default 1; mixes have their own)")
     p.add_argument("--arrival-cv", type=float, default=1.0, help="CV of Gamma inter-arrival gaps (1: Poisson)")
     p.add_argument("--gpu-kv-blocks", type=int, default=None, help="GPU KV pool size (default: unconstrained)")
     p.add_argument("--host-kv-blocks", type=int, default=None, help="host KV pool size (default: 4x GPU)")
@@ -50,7 +54,7 @@ def register(subparsers) -> None:
     s = bsub.add_parser("scheduler", help="cost of one schedule()+update() against the number of waiting jobs")
     s.add_argument("--waiting", default="1000,10000,100000", help="comma-separated waiting-job counts")
     s.add_argument("--batch", type=int, default=32)
-    s.add_argument("--policy", default="sj-mlfq")
+    s.add_argument("--policy", default="sj-mlfq", help="any policy but the simulation-only srpt and oracle")
     s.add_argument("--kv-policy", default="proactive")
     s.add_argument("--iterations", type=int, default=2000)
     s.add_argument("--regime", default="default,pressure",
@@ -101,6 +105,7 @@ def _sim_main(args: argparse.Namespace) -> int:
 
     from fastserve.scheduler.core.cost_model import CostModel, ProfileError
     from fastserve.scheduler.core.policies import POLICY_NAMES
+    from fastserve.scheduler.sim.bound import lower_bound
     from fastserve.scheduler.sim.simulator import SimConfig, simulate
     from fastserve.scheduler.sim.sweep import max_rate_at_slo
     from fastserve.scheduler.sim.workload import PRESETS, TraceError, make_workload
@@ -125,6 +130,8 @@ def _sim_main(args: argparse.Namespace) -> int:
         cost = CostModel.from_profile(args.profile) if args.profile else CostModel.default()
     except ProfileError as exc:
         return fail(str(exc))
+    # The output-length CV in effect (presets default to 1; mixes and traces have their own).
+    args.cv = 1.0 if args.cv is None and args.workload in PRESETS else args.cv
     core_opts = dict(max_batch_size=args.max_batch_size, max_tokens_per_batch=args.max_tokens_per_batch,
                      num_queues=args.num_queues, quantum_ratio=args.quantum_ratio,
                      base_quantum=args.base_quantum, starvation_threshold=args.starvation_threshold)
@@ -147,10 +154,14 @@ def _sim_main(args: argparse.Namespace) -> int:
     jcts: dict[str, list[float]] = {}
     occupancy: list[tuple[float, list[int]]] = []
     try:
+        # What no schedule of this trace can beat (scheduler/sim/bound.py).
+        bound = lower_bound(jobs_at(args.rate), cost, max_batch_size=args.max_batch_size,
+                            max_tokens_per_batch=args.max_tokens_per_batch).mean_norm_latency
         for pol in policies:
             res = run(pol, args.rate, OCCUPANCY_EVERY if args.out and not occupancy else None)
             occupancy = occupancy or res.occupancy
-            m = dict(res.metrics, rate=args.rate, kv_policy=args.kv_policy, workload=args.workload, cv=args.cv)
+            m = dict(res.metrics, rate=args.rate, kv_policy=args.kv_policy, workload=args.workload, cv=args.cv,
+                     norm_latency_lower_bound=bound)
             slo = args.slo or res.slo
             m["slo"] = slo
             jcts[pol] = [r.jct for r in res.records]
@@ -208,8 +219,10 @@ def _write_report(path: str, out: dict, ttft: dict, norm: dict, occupancy: list,
 
 def _print_table(out: dict[str, dict], args: argparse.Namespace) -> None:
     first = next(iter(out.values()))
-    print(f"workload {args.workload}  rate {args.rate} req/s  jobs {args.num_jobs}  cv {args.cv}  "
-          f"kv {args.kv_policy}  SLO {first['slo']:.3f} s/token")
+    cv = "per family" if args.cv is None else args.cv
+    print(f"workload {args.workload}  rate {args.rate} req/s  jobs {args.num_jobs}  cv {cv}  "
+          f"kv {args.kv_policy}  SLO {first['slo']:.3f} s/token  "
+          f"lower bound on mean_norm_latency {first['norm_latency_lower_bound']:.4g}")
     cols = ["mean_norm_latency", "p95_norm_latency", "mean_jct", "p50_jct", "p99_jct", "mean_ttft", "p99_ttft",
             "throughput", "preemptions", "demotions", "promotions", "swaps"]
     if args.sweep_rates:

@@ -81,6 +81,7 @@ def served(tiny_model_dir, tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "fastserve.cli", "up", "--model", str(tiny_model_dir), "--served-model-name", "tiny",
          "--port", str(port), "--api-key", KEY, "--max-batch-size", "2", "--gpu-kv-blocks", "24",
+         "--policy", "sj-mlfq",  # levels to move through (the default policy orders one queue by index)
          "--host-kv-blocks", "64", "--host-kv-dir", str(pool), "--log-level", "WARNING"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from fastserve.scheduler.core.cost_model import CostModel, ProfileError
+from fastserve.scheduler.sim.mixes import FAMILIES, MIXES, sample_family
 from fastserve.scheduler.sim.workload import TraceError, arrivals, load_trace, make_workload, synthetic
 
 
@@ -112,3 +114,48 @@ def test_iteration_time_pays_attention_per_sequence():
     dec = [BatchEntry(str(i), False, 1, 99, []) for i in range(8)]
     assert cm.iteration_time(dec) == pytest.approx(cm.decode_time(8, 100))
     assert cm.iteration_time([]) == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_family_lengths_match_their_stated_means_and_correlation(name):
+    fam = FAMILIES[name]
+    inp, out = sample_family(np.random.default_rng(7), fam, 40000, 2048)
+    # Clipping to the context cuts the upper tail, so the realised means sit a
+    # little below the nominal ones (at most ~3% for these families).
+    assert -0.05 < inp.mean() / fam.input_mean - 1 < 0.01
+    assert -0.05 < out.mean() / fam.output_mean - 1 < 0.02
+    assert abs(np.corrcoef(np.log(inp), np.log(out))[0, 1] - fam.rho) < 0.04
+    assert inp.min() >= fam.min_input and inp.max() <= fam.max_input
+    assert out.min() >= 1 and (inp + out).max() <= 2048
+
+
+def test_correlation_is_what_rho_says():
+    base = FAMILIES["summary"]
+    lo = sample_family(np.random.default_rng(1), replace(base, rho=0.0), 20000, 2048)
+    hi = sample_family(np.random.default_rng(1), replace(base, rho=0.8), 20000, 2048)
+    assert abs(np.corrcoef(np.log(lo[0]), np.log(lo[1]))[0, 1]) < 0.03
+    assert np.corrcoef(np.log(hi[0]), np.log(hi[1]))[0, 1] > 0.75
+
+
+@pytest.mark.parametrize("mix", sorted(MIXES))
+def test_mixes_blend_their_families_in_the_stated_shares(mix):
+    jobs = synthetic(mix, 20000, 3.0, seed=4)
+    inp = np.array([j.input_len for j in jobs])
+    out = np.array([j.output_len for j in jobs])
+    shares = MIXES[mix]
+    expect_in = sum(s * FAMILIES[f].input_mean for f, s in shares.items())
+    expect_out = sum(s * FAMILIES[f].output_mean for f, s in shares.items())
+    assert -0.05 < inp.mean() / expect_in - 1 < 0.02
+    assert -0.05 < out.mean() / expect_out - 1 < 0.03
+    # Each family's share shows in the share of short prompts.
+    rng = np.random.default_rng(5)
+    short = sum(s * (sample_family(rng, FAMILIES[f], 20000, 2048)[0] < 100).mean() for f, s in shares.items())
+    assert abs((inp < 100).mean() - short) < 0.02
+    ts = [j.arrival_time for j in jobs]
+    assert abs(len(ts) / ts[-1] - 3.0) < 0.1
+
+
+def test_mixes_take_no_output_cv():
+    with pytest.raises(ValueError, match="mix of request families"):
+        synthetic("rag", 10, 1.0, cv=2.0)
+    assert len(make_workload("code", num_jobs=10, rate=1.0)) == 10

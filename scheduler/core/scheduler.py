@@ -68,9 +68,11 @@ class SchedulerCore:
         c = config
         self.base_quantum = c.base_quantum or cost_model.decode_time(c.typical_batch, c.typical_context)
         self.slo = c.slo_factor * self.base_quantum
-        self.starvation_threshold = c.starvation_threshold or c.starvation_slo_factor * self.slo
         self.policy = make_policy(c.policy, cost_model=cost_model, base_quantum=self.base_quantum,
-                                  num_queues=c.num_queues, quantum_ratio=c.quantum_ratio)
+                                  num_queues=c.num_queues, quantum_ratio=c.quantum_ratio,
+                                  max_batch_size=c.max_batch_size, max_model_len=c.max_model_len)
+        self.starvation_threshold = ((c.starvation_threshold or c.starvation_slo_factor * self.slo)
+                                     * self.policy.starvation_patience)
         n = self.policy.num_levels
         # ENST needs finite quanta even where the policy never demotes.
         self._qf = [self.base_quantum * c.quantum_ratio ** i for i in range(n)]
@@ -100,6 +102,7 @@ class SchedulerCore:
         self._set_key(job)
         self._jobs[spec.job_id] = job
         self._levels[job.level].add(job)
+        self.policy.arrive(job, now)
         self._starve[spec.job_id] = job
         self.join_histogram[job.level] += 1
 
@@ -165,6 +168,7 @@ class SchedulerCore:
             job = self._jobs.get(jid)
             if job is not None and not job.cancelled:
                 self.stats.finished += 1
+                self.policy.observe(job)
                 self._retire(job)
 
     def copy_done(self, job_id: str, move_id: int, now: float, ok: bool = True) -> bool:
@@ -261,7 +265,7 @@ class SchedulerCore:
     def _set_key(self, job: Job) -> None:
         self._seq += 1
         job.seq = self._seq
-        job.key = self.policy.key(job.seq, job.remaining_tokens)
+        job.key = self.policy.key(job)
 
     def _reprioritize(self, job: Job, level: int, key: tuple[int, ...]) -> None:
         self.kv.unrank(job)
@@ -277,7 +281,7 @@ class SchedulerCore:
         self._levels[job.level].charge_sum -= charge  # remove() below then takes off 0
         self._seq += 1
         job.seq = self._seq
-        self._reprioritize(job, level, self.policy.key(job.seq, job.remaining_tokens))
+        self._reprioritize(job, level, self.policy.key(job))
 
     def _charge(self, job: Job, elapsed: float, now: float) -> None:
         lv = self._levels[job.level]
@@ -288,8 +292,10 @@ class SchedulerCore:
         if job.charge > self.policy.quanta[job.level] and job.level + 1 < len(self._levels):
             self.stats.demotions += 1
             self._move(job, job.level + 1)
-        elif self.policy.oracle:
-            self._reprioritize(job, job.level, self.policy.key(job.seq, job.remaining_tokens))
+        elif self.policy.rekey:
+            key = self.policy.key(job)
+            if key != job.key:
+                self._reprioritize(job, job.level, key)
 
     def _promote(self, now: float) -> None:
         limit = self.config.max_promotions_per_iteration
@@ -333,6 +339,7 @@ class SchedulerCore:
         tokens_left = cfg.max_tokens_per_batch
         max_b = cfg.max_batch_size
         admit_open = True
+        waiting = sum(lv.num_fresh for lv in self._levels)  # O(levels)
         # Jobs that cannot run (blocked, swapped, busy) are looked at up to a
         # budget, so memory pressure cannot make one iteration scan every job.
         budget = cfg.max_candidates
@@ -358,6 +365,8 @@ class SchedulerCore:
                 loc = job.loc
                 if loc is Loc.GPU:
                     n, need = self._take(job, tokens_left, free)
+                    if n > 1 and self.policy.defer_prefill(job, n, w.batch, waiting):
+                        continue  # the rest of a prefill, held back by the policy
                     if need <= free:
                         w.batch.append((job, n))
                         free -= need
@@ -368,6 +377,9 @@ class SchedulerCore:
                     if not admit_open:
                         continue
                     n, need = self._take(job, tokens_left, free)
+                    if self.policy.defer_prefill(job, n, w.batch, waiting):
+                        admit_open = False  # the prefills behind it wait too
+                        continue
                     full = kv.blocks(job.spec.input_len + job.spec.max_tokens)
                     if need <= free and (not reserve_mode or full <= unreserved):
                         if not job.started:

@@ -20,11 +20,13 @@ from fastserve.scheduler.core.types import IterationResult
 from fastserve.scheduler.sim.metrics import summarize
 
 
-def simulate_pipeline(jobs, cfg, cost: CostModel, policy_cost: CostModel | None = None):
+def simulate_pipeline(jobs, cfg, cost: CostModel, policy_cost: CostModel | None = None, prepare=None):
     from fastserve.scheduler.sim.simulator import SimResult, Trace, build_core
 
     P = cfg.pipeline_parallel_size
     core = build_core(cfg, (policy_cost or cost).per_stage(P))
+    if prepare is not None:
+        prepare(core)
     tr = Trace(jobs)
     stage_free = [0.0] * P
     busy = 0.0  # sum of stage-seconds of work done

@@ -83,3 +83,23 @@ def _save(fig, plt, out: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def plot_sweep(out: str, title: str, rates: list[float], series: dict[str, tuple[list[float], list[float]]],
+               bound: list[float], slo: float) -> None:
+    """Mean and P95 normalized latency against rate, one line per policy
+    (`series`: policy -> (means, p95s) at `rates`); the lower bound on the mean."""
+    plt = pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    for name, (means, p95s) in series.items():
+        ax1.plot(rates, means, marker="o", label=name)
+        ax2.plot(rates, p95s, marker="o", label=name)
+    ax1.plot(rates, bound, color="black", linestyle=":", label="lower bound")
+    for ax, what in ((ax1, "mean"), (ax2, "P95")):
+        ax.axhline(slo, color="gray", linestyle="--", label=f"SLO {slo:.3f} s/token")
+        ax.set_xlabel("arrival rate (req/s)")
+        ax.set_ylabel(f"{what} normalized latency (s/token)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    _save(fig, plt, out, title)
+

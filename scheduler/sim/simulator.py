@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import heapq
 from dataclasses import dataclass, field
+from typing import Callable
 
 from fastserve.scheduler.core.placement import make_kv_policy
 
@@ -31,7 +32,7 @@ UNLIMITED_BLOCKS = 1 << 20
 
 @dataclass
 class SimConfig:
-    policy: str = "sj-mlfq"
+    policy: str = "default"
     kv_policy: str = "proactive"
     gpu_kv_blocks: int | None = None  # None: unconstrained
     host_kv_blocks: int | None = None  # None: 4x the GPU pool
@@ -143,16 +144,20 @@ class Trace:
 
 
 def simulate(jobs: list[TraceJob], cfg: SimConfig, cost: CostModel,
-             policy_cost: CostModel | None = None) -> SimResult:
+             policy_cost: CostModel | None = None,
+             prepare: Callable[[SchedulerCore], None] | None = None) -> SimResult:
     """`cost` times the iterations and copies; `policy_cost` (default: `cost`)
-    is the scheduler's own model, as the service builds it from its profile."""
+    is the scheduler's own model, as the service builds it from its profile.
+    `prepare(core)` runs before the first job (e.g. to pre-train a policy)."""
     if cfg.pipeline_parallel_size > 1:
         from fastserve.scheduler.sim.pipeline import simulate_pipeline
 
-        return simulate_pipeline(jobs, cfg, cost, policy_cost)
+        return simulate_pipeline(jobs, cfg, cost, policy_cost, prepare)
     if cfg.control_overhead < 0:
         raise ValueError(f"control_overhead must be >= 0, got {cfg.control_overhead}")
     core = build_core(cfg, policy_cost or cost)
+    if prepare is not None:
+        prepare(core)
     slow_at = [a for a, _ in cfg.slowdown or []]
     slow_f = [f for _, f in cfg.slowdown or []]
     if slow_at != sorted(slow_at) or any(f <= 0 for f in slow_f):

@@ -1,6 +1,7 @@
-"""Workloads for the simulator (and the load generator): JSONL traces or
-synthetic lognormal lengths matched to published dataset statistics, with
-Poisson or Gamma arrivals."""
+"""Workloads for the simulator (and the load generator): JSONL traces,
+synthetic lognormal lengths matched to published dataset statistics (the
+presets below, and the request-family mixes of mixes.py), with Poisson or
+Gamma arrivals."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from fastserve.scheduler.sim.mixes import MIXES, sample_mix
 
 MAX_INPUT = 1024
 MAX_TOTAL = 2048
@@ -63,17 +66,29 @@ def arrivals(rng: np.random.Generator, n: int, rate: float, cv: float = 1.0) -> 
     return np.cumsum(gaps).tolist()
 
 
-def synthetic(name: str, num_jobs: int, rate: float, *, cv: float = 1.0, seed: int = 0,
+NAMES = (*PRESETS, *MIXES)
+
+
+def synthetic(name: str, num_jobs: int, rate: float, *, cv: float | None = None, seed: int = 0,
               arrival_cv: float = 1.0) -> list[TraceJob]:
-    """`cv`: coefficient of variation of the output lengths (heavy tails: cv=2)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown workload {name!r}; choose one of {', '.join(PRESETS)} or a .jsonl path")
+    """`cv`: coefficient of variation of a preset's output lengths (default 1;
+    heavy tails: 2). A mix's families have their own, so it takes none."""
+    if name not in NAMES:
+        raise ValueError(f"unknown workload {name!r}; choose one of {', '.join(NAMES)} or a .jsonl path")
     if num_jobs < 1:
         raise ValueError(f"num_jobs must be >= 1, got {num_jobs}")
-    if cv < 0 or arrival_cv < 0:
+    if (cv is not None and cv < 0) or arrival_cv < 0:
         raise ValueError("cv and arrival_cv must be >= 0")
-    p = PRESETS[name]
     rng = np.random.default_rng(seed)
+    if name in MIXES:
+        if cv is not None:
+            raise ValueError(f"workload {name} is a mix of request families with their own length "
+                             f"distributions; --cv applies to {', '.join(PRESETS)} only")
+        inputs, outputs = sample_mix(rng, name, num_jobs, MAX_TOTAL)
+        times = arrivals(rng, num_jobs, rate, arrival_cv)
+        return [TraceJob(t, int(i), int(o)) for t, i, o in zip(times, inputs, outputs)]
+    cv = 1.0 if cv is None else cv
+    p = PRESETS[name]
     inputs = np.clip(np.rint(lognormal(rng, p.input_mean, p.input_cv, num_jobs)), 1, MAX_INPUT).astype(int)
     outputs = np.rint(lognormal(rng, p.output_mean, cv, num_jobs)).astype(int)
     outputs = np.clip(outputs, 1, MAX_TOTAL - inputs)
@@ -128,15 +143,15 @@ def load_trace(path: str | Path, *, rate: float | None = None, seed: int = 0, ar
     return sorted(jobs, key=lambda j: j.arrival_time)
 
 
-def make_workload(spec: str, *, num_jobs: int, rate: float | None, cv: float = 1.0, seed: int = 0,
+def make_workload(spec: str, *, num_jobs: int, rate: float | None, cv: float | None = None, seed: int = 0,
                   arrival_cv: float = 1.0) -> list[TraceJob]:
-    if spec in PRESETS:
+    if spec in NAMES:
         if rate is None:
             raise ValueError(f"workload {spec} needs --rate")
         return synthetic(spec, num_jobs, rate, cv=cv, seed=seed, arrival_cv=arrival_cv)
     if spec.endswith(".jsonl") or Path(spec).exists():
         return load_trace(spec, rate=rate, seed=seed, arrival_cv=arrival_cv, num_jobs=num_jobs)
-    raise ValueError(f"unknown workload {spec!r}; choose one of {', '.join(PRESETS)} or a .jsonl path")
+    raise ValueError(f"unknown workload {spec!r}; choose one of {', '.join(NAMES)} or a .jsonl path")
 
 
 def write_trace(jobs: list[TraceJob], path: str | Path) -> None:
