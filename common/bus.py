@@ -14,6 +14,12 @@ Semantics both implement (tests/test_bus_*.py run the same checks on both):
   share the job queue). A handler that returns acks the message. A handler that
   raises (`SchemaError` for bad data, or anything else) gets the message
   dead-lettered to `names.DEAD_LETTER_QUEUE` and logged; the consumer goes on.
+- `consume_deliveries(queue, handler, concurrency=N)` is the same with the
+  message's AMQP properties (`Delivery`), and up to N handlers at once, each
+  message acked when its own handler returns (the public submission queue:
+  a request is acked when its result is out, so a consumer that dies leaves
+  its requests to another). A cancelled subscription returns the messages
+  whose handlers were still running to the queue (`redelivered` then).
 - Every name is prefixed by `namespace` when one is given, so that test runs
   (or deployments) sharing a broker never see each other's queues. Services
   always pass the plain names from `fastserve.common.names`.
@@ -22,10 +28,36 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 Headers = dict[str, Any]
 Handler = Callable[[bytes, Headers], Awaitable[None]]
+MSGPACK = "application/msgpack"
+JSON = "application/json"
+
+
+@dataclass(frozen=True)
+class Properties:
+    """The AMQP properties a message may carry (fastserve's own messages need
+    none of them; the public submission interface does)."""
+
+    content_type: str = MSGPACK
+    reply_to: str | None = None
+    correlation_id: str | None = None
+    expiration: float | None = None  # seconds the message may wait in its queue
+    timestamp: float | None = None  # time.time() when it was sent
+    redelivered: bool = False  # on delivery: a consumer had it and went away without acking
+
+
+@dataclass(frozen=True)
+class Delivery:
+    body: bytes
+    headers: Headers = field(default_factory=dict)
+    props: Properties = Properties()
+
+
+DeliveryHandler = Callable[[Delivery], Awaitable[None]]
 
 
 def _fresh_log_context(base: dict[str, Any]) -> None:
@@ -55,6 +87,9 @@ class Subscription(abc.ABC):
 
 
 class Bus(abc.ABC):
+    # Queued messages outlive this process (RabbitMQ); not so on the in-memory bus.
+    durable = True
+
     def __init__(self, namespace: str = "") -> None:
         self.namespace = namespace
 
@@ -102,14 +137,26 @@ class Bus(abc.ABC):
         *,
         exchange: str = "",
         persistent: bool = False,
+        props: Properties | None = None,
+        verbatim: bool = False,
     ) -> None:
         """Publish and wait for the broker's confirm. Raises UnroutableError
-        for exchange "" and an unknown queue."""
+        for exchange "" and an unknown queue. verbatim: `key` is a broker-side
+        queue name already (a reply_to property), not prefixed by the namespace."""
 
-    @abc.abstractmethod
     async def consume(self, queue: str, handler: Handler, *, prefetch: int = 32) -> Subscription:
         """Start consuming a declared queue (see the module doc for semantics).
         prefetch: messages the broker may push ahead of the handler."""
+        async def deliver(d: Delivery) -> None:
+            await handler(d.body, d.headers)
+
+        return await self.consume_deliveries(queue, deliver, prefetch=prefetch)
+
+    @abc.abstractmethod
+    async def consume_deliveries(self, queue: str, handler: DeliveryHandler, *, prefetch: int = 32,
+                                 concurrency: int = 1) -> Subscription:
+        """`consume` with the whole Delivery, and up to `concurrency` handlers
+        at once (order is kept only with 1)."""
 
     async def __aenter__(self) -> Bus:
         await self.connect()

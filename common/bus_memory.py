@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
 
 from fastserve.common import names
-from fastserve.common.bus import Bus, BusError, Handler, Headers, Subscription, UnroutableError, _fresh_log_context
+from fastserve.common.bus import (
+    Bus, BusError, Delivery, DeliveryHandler, Headers, Properties, Subscription, UnroutableError, _fresh_log_context,
+)
 from fastserve.common.schemas import SchemaError
 
 log = structlog.get_logger("fastserve.bus")
@@ -43,43 +45,68 @@ class _Exchange:
 
 
 class _MemorySubscription(Subscription):
-    def __init__(self, bus: MemoryBus, queue: _Queue, handler: Handler) -> None:
+    def __init__(self, bus: MemoryBus, queue: _Queue, handler: DeliveryHandler, concurrency: int = 1) -> None:
         self._bus, self._queue, self._handler = bus, queue, handler
         self._log_context = structlog.contextvars.get_contextvars()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._concurrent = concurrency > 1
+        self._running: set[asyncio.Task] = set()
         self._task = asyncio.create_task(self._run(), name=f"consume:{queue.name}")
         self._cancelled = False
 
     async def _run(self) -> None:
         while True:
-            body, headers = await self._queue.items.get()
-            _fresh_log_context(self._log_context)
+            if self._concurrent:
+                await self._slots.acquire()
             try:
-                await self._handler(body, dict(headers))
+                item = await self._queue.items.get()
             except asyncio.CancelledError:
-                # Like an unacked delivery on a closed channel: back to the queue.
-                self._queue.items.put_nowait((body, headers))
+                if self._concurrent:
+                    self._slots.release()
                 raise
-            except Exception as exc:  # noqa: BLE001 - a bad message must not stop the consumer
-                self._bus.dead_letter(self._queue.name, body, headers)
-                if isinstance(exc, SchemaError):
-                    log.warning("bus.dead_letter", queue=self._queue.name, reason="schema", error=str(exc))
-                else:
-                    log.exception("bus.dead_letter", queue=self._queue.name, reason="handler_error")
+            if not self._concurrent:
+                await self._handle(item)
+                continue
+            task = asyncio.create_task(self._handle(item), name=f"handle:{self._queue.name}")
+            self._running.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._slots.release()
+
+    async def _handle(self, item: Delivery) -> None:
+        _fresh_log_context(self._log_context)
+        try:
+            await self._handler(item)
+        except asyncio.CancelledError:
+            # Like an unacked delivery on a closed channel: back to the queue.
+            self._queue.items.put_nowait(replace(item, props=replace(item.props, redelivered=True)))
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bad message must not stop the consumer
+            self._bus.dead_letter(self._queue.name, item.body, item.headers)
+            if isinstance(exc, SchemaError):
+                log.warning("bus.dead_letter", queue=self._queue.name, reason="schema", error=str(exc))
+            else:
+                log.exception("bus.dead_letter", queue=self._queue.name, reason="handler_error")
 
     async def cancel(self) -> None:
         if self._cancelled:
             return
         self._cancelled = True
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
+        for task in [self._task, *self._running]:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
         self._bus._unsubscribed(self)
 
 
 class MemoryBus(Bus):
     """One instance is shared by all services of the embedded mode."""
+
+    durable = False
 
     def __init__(self, namespace: str = "") -> None:
         super().__init__(namespace)
@@ -138,13 +165,15 @@ class MemoryBus(Bus):
         *,
         exchange: str = "",
         persistent: bool = False,
+        props: Properties | None = None,
+        verbatim: bool = False,
     ) -> None:
         self._check_connected()
         if not isinstance(body, (bytes, bytearray)):
             raise TypeError(f"body must be bytes, not {type(body).__name__}")
-        item = (bytes(body), dict(headers or {}))
+        item = Delivery(bytes(body), dict(headers or {}), props or Properties())
         if not exchange:
-            queue = self._queues.get(self.full_name(key))
+            queue = self._queues.get(key if verbatim else self.full_name(key))
             if queue is None:
                 raise UnroutableError(f"no queue named {key!r}")
             queue.items.put_nowait(item)
@@ -156,13 +185,14 @@ class MemoryBus(Bus):
             if (ex.kind == "fanout" or topic_matches(pattern, key)) and qname in self._queues:
                 self._queues[qname].items.put_nowait(item)
 
-    async def consume(self, queue: str, handler: Handler, *, prefetch: int = 32) -> Subscription:
+    async def consume_deliveries(self, queue: str, handler: DeliveryHandler, *, prefetch: int = 32,
+                                 concurrency: int = 1) -> Subscription:
         self._check_connected()
         q = self._queues.get(self.full_name(queue))
         if q is None:
             raise BusError(f"no queue named {queue!r} (declare it first)")
         q.consumers += 1
-        sub = _MemorySubscription(self, q, handler)
+        sub = _MemorySubscription(self, q, handler, concurrency)
         self._subs.append(sub)
         return sub
 
@@ -181,7 +211,7 @@ class MemoryBus(Bus):
         ex = self._exchanges[self.full_name(names.DLX_EXCHANGE)]
         for qname, _ in ex.bindings:
             if qname in self._queues:
-                self._queues[qname].items.put_nowait((body, headers))
+                self._queues[qname].items.put_nowait(Delivery(body, headers))
 
     def queue_size(self, queue: str) -> int:
         """Messages waiting in a queue (tests and introspection)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterable
+from datetime import datetime, timezone
 from typing import Any
 
 import aio_pika
@@ -19,7 +20,10 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import ChannelInvalidStateError, DeliveryError
 
 from fastserve.common import names
-from fastserve.common.bus import Bus, BusError, Handler, Headers, Subscription, UnroutableError, _fresh_log_context
+from fastserve.common.bus import (
+    MSGPACK, Bus, BusError, Delivery, DeliveryHandler, Headers, Properties, Subscription, UnroutableError,
+    _fresh_log_context,
+)
 from fastserve.common.schemas import SchemaError
 
 log = structlog.get_logger("fastserve.bus")
@@ -28,12 +32,16 @@ _KINDS = {"topic": aio_pika.ExchangeType.TOPIC, "fanout": aio_pika.ExchangeType.
 
 
 class _RabbitSubscription(Subscription):
-    def __init__(self, channel: AbstractChannel, queue: AbstractQueue, handler: Handler) -> None:
+    def __init__(self, channel: AbstractChannel, queue: AbstractQueue, handler: DeliveryHandler,
+                 concurrency: int = 1) -> None:
         self._channel, self._queue, self._handler = channel, queue, handler
         self._log_context = structlog.contextvars.get_contextvars()
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._tag: str | None = None
         self._task: asyncio.Task | None = None
+        self._slots = asyncio.Semaphore(concurrency)
+        self._concurrent = concurrency > 1
+        self._running: set[asyncio.Task] = set()
         self._cancelled = False
 
     async def start(self) -> None:
@@ -48,23 +56,36 @@ class _RabbitSubscription(Subscription):
     async def _run(self) -> None:
         while True:
             msg = await self._inbox.get()
-            _fresh_log_context(self._log_context)
-            try:
-                async with msg.process(requeue=False, ignore_processed=True):
-                    try:
-                        await self._handler(msg.body, dict(msg.headers or {}))
-                    except asyncio.CancelledError:
-                        with contextlib.suppress(Exception):
-                            await msg.nack(requeue=True)
-                        raise
-            except asyncio.CancelledError:
-                raise
-            except ChannelInvalidStateError:
-                log.warning("bus.ack_lost", queue=self._queue.name, note="channel reopened; broker redelivers")
-            except SchemaError as exc:
-                log.warning("bus.dead_letter", queue=self._queue.name, reason="schema", error=str(exc))
-            except Exception:  # noqa: BLE001 - a bad message must not stop the consumer
-                log.exception("bus.dead_letter", queue=self._queue.name, reason="handler_error")
+            if not self._concurrent:
+                await self._handle(msg)
+                continue
+            await self._slots.acquire()
+            task = asyncio.create_task(self._handle(msg), name=f"handle:{self._queue.name}")
+            self._running.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._slots.release()
+
+    async def _handle(self, msg: AbstractIncomingMessage) -> None:
+        _fresh_log_context(self._log_context)
+        try:
+            async with msg.process(requeue=False, ignore_processed=True):
+                try:
+                    await self._handler(Delivery(msg.body, dict(msg.headers or {}), _properties(msg)))
+                except asyncio.CancelledError:
+                    with contextlib.suppress(Exception):
+                        await msg.nack(requeue=True)
+                    raise
+        except asyncio.CancelledError:
+            raise
+        except ChannelInvalidStateError:
+            log.warning("bus.ack_lost", queue=self._queue.name, note="channel reopened; broker redelivers")
+        except SchemaError as exc:
+            log.warning("bus.dead_letter", queue=self._queue.name, reason="schema", error=str(exc))
+        except Exception:  # noqa: BLE001 - a bad message must not stop the consumer
+            log.exception("bus.dead_letter", queue=self._queue.name, reason="handler_error")
 
     async def cancel(self) -> None:
         if self._cancelled:
@@ -73,13 +94,22 @@ class _RabbitSubscription(Subscription):
         with contextlib.suppress(Exception):
             if self._tag is not None:
                 await self._queue.cancel(self._tag)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in [self._task, *self._running]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         # Closing the channel returns every prefetched, unacked message to the queue.
         with contextlib.suppress(Exception):
             await self._channel.close()
+
+
+def _properties(msg: AbstractIncomingMessage) -> Properties:
+    ts = msg.timestamp
+    return Properties(content_type=msg.content_type or MSGPACK, reply_to=msg.reply_to,
+                      correlation_id=msg.correlation_id,
+                      expiration=float(msg.expiration) if msg.expiration is not None else None,
+                      timestamp=ts.timestamp() if isinstance(ts, datetime) else ts, redelivered=bool(msg.redelivered))
 
 
 class RabbitBus(Bus):
@@ -166,13 +196,20 @@ class RabbitBus(Bus):
         *,
         exchange: str = "",
         persistent: bool = False,
+        props: Properties | None = None,
+        verbatim: bool = False,
     ) -> None:
         ch = self._ch()
+        p = props or Properties()
         msg = aio_pika.Message(
             bytes(body),
             headers=headers or None,
-            content_type="application/msgpack",
+            content_type=p.content_type,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
+            reply_to=p.reply_to,
+            correlation_id=p.correlation_id,
+            expiration=p.expiration,
+            timestamp=datetime.fromtimestamp(p.timestamp, timezone.utc) if p.timestamp is not None else None,
         )
         if exchange:
             full = self.full_name(exchange)
@@ -184,12 +221,13 @@ class RabbitBus(Bus):
             return
         try:
             await ch.default_exchange.publish(
-                msg, routing_key=self.full_name(key), mandatory=True, timeout=self.confirm_timeout
+                msg, routing_key=key if verbatim else self.full_name(key), mandatory=True, timeout=self.confirm_timeout
             )
         except DeliveryError as exc:
             raise UnroutableError(f"no queue named {key!r}") from exc
 
-    async def consume(self, queue: str, handler: Handler, *, prefetch: int = 32) -> Subscription:
+    async def consume_deliveries(self, queue: str, handler: DeliveryHandler, *, prefetch: int = 32,
+                                 concurrency: int = 1) -> Subscription:
         if self._conn is None:
             raise BusError("bus is not connected (call connect() first)")
         full = self.full_name(queue)
@@ -200,7 +238,7 @@ class RabbitBus(Bus):
         q = await (channel.declare_queue(**spec) if spec else channel.declare_queue(full, passive=True))
         for exchange, pattern in self._bindings.get(full, []):
             await q.bind(exchange, routing_key=pattern)
-        sub = _RabbitSubscription(channel, q, handler)
+        sub = _RabbitSubscription(channel, q, handler, concurrency)
         await sub.start()
         self._subs.append(sub)
         return sub

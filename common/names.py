@@ -19,6 +19,14 @@ DEAD_LETTER_QUEUE = f"{PREFIX}.dead_letter"
 # Jobs: one durable queue shared by all scheduler replicas of a model.
 JOB_QUEUE = f"{PREFIX}.jobs"
 
+# The public submission interface (docs/queue.md): anyone may publish a
+# SubmitRequest here (durable; every gateway consumes it). Results go to the
+# reply queue the submitter names.
+SUBMIT_QUEUE = f"{PREFIX}.submit"
+# Results of the Batch API's requests (durable; every gateway consumes it and
+# records them in the database).
+BATCH_RESULTS_QUEUE = f"{PREFIX}.batch_results"
+
 # Broadcast exchanges (topic).
 EVENTS_EXCHANGE = f"{PREFIX}.events"
 CONTROL_EXCHANGE = f"{PREFIX}.control"

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, TypeVar
 
 import msgpack
+import orjson
 
 from fastserve.common.sampling_params import SamplingParams
 
@@ -95,12 +96,33 @@ def encode(msg: Message) -> bytes:
     return msgpack.packb(data, use_bin_type=True)
 
 
+def encode_json(msg: Message) -> bytes:
+    """The same map as `encode`, as JSON (the public interface, for clients in other languages)."""
+    cls = type(msg)
+    if _REGISTRY.get(cls.__name__) is not cls:
+        raise SchemaError(f"{cls.__name__} is not a registered message type")
+    data = {"_t": cls.__name__, "_v": cls.VERSION, **{n: _to_wire(getattr(msg, n)) for n in _FIELDS[cls]}}
+    return orjson.dumps(data)
+
+
 def decode(data: bytes, expected: type[Message] | tuple[type[Message], ...] | None = None) -> Any:
     """Bytes -> message; `expected` (a type or tuple of types) narrows what is accepted."""
     try:
         raw = msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated exception types
         raise SchemaError(f"not msgpack: {exc}") from exc
+    return _from_raw(raw, expected)
+
+
+def decode_json(data: bytes, expected: type[Message] | tuple[type[Message], ...] | None = None) -> Any:
+    try:
+        raw = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise SchemaError(f"not JSON: {exc}") from exc
+    return _from_raw(raw, expected)
+
+
+def _from_raw(raw: Any, expected: type[Message] | tuple[type[Message], ...] | None) -> Any:
     if not isinstance(raw, dict):
         raise SchemaError(f"message must be a map, got {type(raw).__name__}")
     name = raw.pop("_t", None)
@@ -254,6 +276,11 @@ struct(SamplingParams)
 
 # ---------------------------------------------------------------- gateway <-> scheduler
 
+# Priority classes of a job. Batch work waits below every interactive job.
+PRIORITY_INTERACTIVE = 0
+PRIORITY_BATCH = 1
+PRIORITIES = (PRIORITY_INTERACTIVE, PRIORITY_BATCH)
+
 @message
 @dataclass(slots=True)
 class JobSubmit(Message):
@@ -272,6 +299,8 @@ class JobSubmit(Message):
     model: str
     num_generated: int = 0
     deadline: float | None = None  # time.time() after which nobody waits for it
+    # PRIORITY_INTERACTIVE, or PRIORITY_BATCH: runs only on capacity the interactive jobs leave.
+    priority: int = 0
 
     def __post_init__(self) -> None:
         if not self.job_id:
@@ -280,6 +309,8 @@ class JobSubmit(Message):
             raise ValueError("prompt_token_ids must not be empty")
         if not 0 <= self.num_generated < len(self.prompt_token_ids):
             raise ValueError(f"num_generated must be in [0, {len(self.prompt_token_ids)}), got {self.num_generated}")
+        if self.priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {PRIORITIES}, got {self.priority}")
 
     @property
     def prompt_len(self) -> int:
@@ -698,3 +729,68 @@ class KVCopyDone(Message):
     # worker, so its GPU blocks are not safe to reuse until the worker has
     # started over.
     timed_out: bool = False
+
+
+# ---------------------------------------------------------------- the public submission interface (docs/queue.md)
+# Versioned apart from the internal messages: clients outside this repository speak it.
+SUBMIT_URLS = ("/v1/completions", "/v1/chat/completions")
+
+
+@message
+@dataclass(slots=True)
+class SubmitRequest(Message):
+    """A request on names.SUBMIT_QUEUE, as msgpack (content type
+    application/msgpack) or JSON (application/json). The AMQP reply_to property
+    names the queue its result goes to; expiration, the deadline (with
+    timestamp: counted from it). `request_id` is the client's own: an id that
+    ran is never run again (its stored result is sent again)."""
+
+    VERSION: ClassVar[int] = 1
+    request_id: str
+    url: str  # one of SUBMIT_URLS
+    body: dict  # that endpoint's OpenAI request body, without "stream"
+    priority: int = PRIORITY_BATCH
+    tokens: bool = False  # also send RequestTokens as the tokens come
+
+    def __post_init__(self) -> None:
+        if not self.request_id or len(self.request_id) > 256:
+            raise ValueError("request_id must be 1 to 256 characters")
+        if self.url not in SUBMIT_URLS:
+            raise ValueError(f"url must be one of {', '.join(SUBMIT_URLS)}, got {self.url!r}")
+        if self.priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {PRIORITIES}, got {self.priority}")
+
+
+@struct
+@dataclass(slots=True)
+class Timings:
+    queued: float  # seconds from the message's timestamp (else from the gateway taking it) to the gateway taking it
+    total: float  # seconds from the gateway taking it to its result
+    first_token: float | None = None  # seconds from the gateway taking it to its first token
+
+
+@message
+@dataclass(slots=True)
+class SubmitResult(Message):
+    """The one result of a request (gateway -> the request's reply_to, with
+    correlation_id = request_id and the request's content type)."""
+
+    VERSION: ClassVar[int] = 1
+    request_id: str
+    status: int  # 200, else the HTTP status the REST endpoint would have answered
+    response: dict | None = None  # what the REST endpoint would have answered (choices, usage)
+    error: dict | None = None  # OpenAI's error object {"message", "type", "param", "code"}
+    token_ids: list[list[int]] = field(default_factory=list)  # per choice of `response`
+    timings: Timings | None = None
+
+
+@message
+@dataclass(slots=True)
+class RequestTokens(Message):
+    """New output of one choice of a request that asked for `tokens`."""
+
+    VERSION: ClassVar[int] = 1
+    request_id: str
+    index: int
+    text: str
+    token_ids: list[int]

@@ -144,3 +144,16 @@ MAX_COPIES_IN_FLIGHT = Setting(4, "KV copies the KV store keeps in flight per di
 REQUEST_TIMEOUT = Setting(600.0, "seconds after which the gateway ends a request with an error (a deadline: "
                                  "nothing waits forever)", _positive, POS)
 HEALTH_TIMEOUT = Setting(10.0, "seconds without a heartbeat after which a service counts as gone", _positive, POS)
+QUEUE_TIMEOUT = Setting(86400.0, "seconds a request from the submission queue (or the Batch API) may take when "
+                                  "its message sets no expiration", _positive, POS)
+
+# ------------------------------------------------------------------ queue-based submission
+DATABASE = Setting("sqlite:///~/.cache/fastserve/fastserve.db",
+                   "where the gateway keeps Batch API files and batches and the submission queue's results: "
+                   "sqlite:///PATH (one node) or postgresql://user@host:5432/db (several gateways share it)",
+                   lambda v: v.startswith(("sqlite:///", "postgresql://", "postgres://")),
+                   "must be sqlite:///PATH or postgresql://...")
+RESULT_RETENTION = Setting(7 * 86400.0, "seconds the gateway keeps a queued request's result (within it, the same "
+                                        "request id gets the stored result instead of running again)", _positive, POS)
+QUEUE_CONCURRENCY = Setting(128, "requests a gateway takes from the submission queue at once (the rest wait in "
+                                 "the broker); 0: this gateway does not consume it", _non_negative, NONNEG)

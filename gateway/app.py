@@ -33,7 +33,10 @@ from fastserve.gateway.errors import APIError, bad
 from fastserve.gateway.protocol import as_int, check_model
 
 if TYPE_CHECKING:
+    from fastserve.gateway.batch_runner import BatchRunner
     from fastserve.gateway.dashboard import Dashboard
+    from fastserve.gateway.store import BatchStore
+    from fastserve.gateway.submissions import SubmissionQueue
 
 log = structlog.get_logger("fastserve.gateway")
 # What the access-log line of a request says beyond method, path and status
@@ -49,6 +52,10 @@ class GatewayState:
     metrics: Metrics
     tracker: JobTracker
     dashboard: Dashboard
+    # Set when the app starts (gateway/durable.py).
+    batches: BatchStore | None = None
+    batch_runner: BatchRunner | None = None
+    queue: SubmissionQueue | None = None
 
 
 STATE = web.AppKey("state", GatewayState)
@@ -240,7 +247,8 @@ async def detokenize(request: web.Request) -> web.Response:
 
 def create_app(config: GatewayConfig, bus: Bus, *, model: ModelInfo | None = None,
                metrics: Metrics | None = None) -> web.Application:
-    from fastserve.gateway import dashboard
+    from fastserve.gateway import batch_api, dashboard
+    from fastserve.gateway.durable import durable_work
     from fastserve.gateway.serving import chat_completions, completions
 
     model = model or ModelInfo.load(config.model, config.served_model_name)
@@ -263,7 +271,9 @@ def create_app(config: GatewayConfig, bus: Bus, *, model: ModelInfo | None = Non
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
     dashboard.add_routes(app)
+    batch_api.add_routes(app)
     app.cleanup_ctx.append(_bus_lifecycle)
+    app.cleanup_ctx.append(durable_work)
     app.on_shutdown.append(lambda app: app[STATE].dashboard.close_streams())
     return app
 

@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "gateway", help="run the OpenAI-compatible HTTP gateway",
         description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, "
-                    "/tokenize and /detokenize; jobs go to the schedulers over the broker. "
+                    "/tokenize, /detokenize and OpenAI's Batch API, and consume the submission queue "
+                    "(docs/queue.md); jobs go to the schedulers over the broker. "
                     "Every flag can also be set as FASTSERVE_<FLAG> in the environment.")
     add_config_args(p, GatewayConfig)
     p.set_defaults(func=main)

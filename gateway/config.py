@@ -27,6 +27,10 @@ class GatewayConfig:
     max_logprobs: int = field(default=20, metadata=_h("largest number of top logprobs a request may ask for"))
     health_timeout: float = S.HEALTH_TIMEOUT()
     request_timeout: float = S.REQUEST_TIMEOUT()
+    queue_timeout: float = S.QUEUE_TIMEOUT()
+    database: str = S.DATABASE()
+    queue_concurrency: int = S.QUEUE_CONCURRENCY()
+    result_retention: float = S.RESULT_RETENTION()
     require_backend: bool = field(default=True, metadata=_h(
         "refuse requests with 503 while the broker is unreachable"))
     log_level: str = S.LOG_LEVEL()

@@ -27,7 +27,7 @@ from fastserve.common.bus import Bus, Subscription
 from fastserve.common.metrics import Metrics
 from fastserve.common.sampling_params import SamplingParams
 from fastserve.common.schemas import (
-    Heartbeat, JobCancel, JobSubmit, SchedulerStats, TokenBatch, TokenEvent, decode, encode,
+    PRIORITY_INTERACTIVE, Heartbeat, JobCancel, JobSubmit, SchedulerStats, TokenBatch, TokenEvent, decode, encode,
 )
 from fastserve.gateway.config import GatewayConfig
 from fastserve.gateway.protocol import APIError
@@ -57,6 +57,7 @@ class Submission:
     trace_id: str
     job_ids: list[str]
     deadline: float  # time.time()
+    priority: int = PRIORITY_INTERACTIVE
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     finished: set[str] = field(default_factory=set)
 
@@ -174,11 +175,14 @@ class JobTracker:
         return [s for seen, s in self._stats.values() if now - seen < self.config.health_timeout]
 
     # ------------------------------------------------------------ jobs
-    async def submit(self, trace_id: str, jobs: Iterable[tuple[str, list[int], SamplingParams]]) -> Submission:
+    async def submit(self, trace_id: str, jobs: Iterable[tuple[str, list[int], SamplingParams]], *,
+                     priority: int = PRIORITY_INTERACTIVE, deadline: float | None = None) -> Submission:
         """Publish one JobSubmit per (job_id, prompt ids, sampling). Jobs wait in
-        the durable job queue while no scheduler takes them (up to the deadline)."""
+        the durable job queue while no scheduler takes them (up to the deadline:
+        time.time(), by default request_timeout from now)."""
         jobs = list(jobs)
-        sub = Submission(trace_id, [j for j, _, _ in jobs], time.time() + self.config.request_timeout)
+        deadline = time.time() + self.config.request_timeout if deadline is None else deadline
+        sub = Submission(trace_id, [j for j, _, _ in jobs], deadline, priority)
         self._pending_requests += 1
         try:
             for index, (job_id, prompt, sampling) in enumerate(jobs):
@@ -199,7 +203,7 @@ class JobTracker:
                            num_generated: int) -> None:
         msg = JobSubmit(job_id=attempt, trace_id=sub.trace_id, reply_to=self.reply_queue, prompt_token_ids=prompt,
                         sampling=state.sampling, arrival_time=time.time(), model=self.config.served_model_name,
-                        num_generated=num_generated, deadline=sub.deadline)
+                        num_generated=num_generated, deadline=sub.deadline, priority=sub.priority)
         await self.bus.publish(names.JOB_QUEUE, encode(msg), {"trace_id": sub.trace_id}, persistent=True)
 
     def release(self, sub: Submission, reason: str = "client disconnected") -> None:

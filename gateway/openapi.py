@@ -143,6 +143,26 @@ _HEALTH = {"type": "object", "required": ["status"], "properties": {
     "kvstore": {"type": "array", "items": _STR}}}
 
 
+_FILE = {"type": "object", "required": ["id", "object", "bytes", "created_at", "filename", "purpose", "status"],
+         "properties": {"id": _STR, "object": {"const": "file"}, "bytes": _INT, "created_at": _INT,
+                        "filename": _STR, "purpose": {"enum": ["batch", "batch_output"]},
+                        "status": {"const": "processed"}, "status_details": {"type": "null"},
+                        "expires_at": {"type": "null"}}}
+_TIME = _nullable(_INT)
+_BATCH = {"type": "object", "required": ["id", "object", "endpoint", "input_file_id", "completion_window", "status",
+                                         "created_at", "request_counts"], "properties": {
+    "id": _STR, "object": {"const": "batch"}, "endpoint": {"enum": ["/v1/completions", "/v1/chat/completions"]},
+    "errors": {"type": "null"}, "input_file_id": _STR, "completion_window": {"const": "24h"},
+    "status": {"enum": ["validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling",
+                        "cancelled"]},
+    "output_file_id": _nullable(_STR), "error_file_id": _nullable(_STR), "created_at": _INT,
+    "in_progress_at": _TIME, "expires_at": _TIME, "finalizing_at": _TIME, "completed_at": _TIME,
+    "failed_at": _TIME, "expired_at": _TIME, "cancelling_at": _TIME, "cancelled_at": _TIME,
+    "request_counts": {"type": "object", "required": ["total", "completed", "failed"],
+                       "properties": {"total": _INT, "completed": _INT, "failed": _INT}},
+    "metadata": _nullable({"type": "object", "additionalProperties": _STR})}}
+
+
 def _json(schema: dict, description: str) -> dict:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
@@ -179,8 +199,8 @@ _DASHBOARD = {"type": "object", "required": ["ts", "gateway", "model", "replicas
 
 def _errors(*codes: int) -> dict:
     text = {400: "invalid request (the parameter is named)", 401: "missing or wrong API key",
-            404: "unknown model", 429: "too many requests in flight", 500: "the backend failed",
-            503: "no backend or a full queue"}
+            404: "unknown model, file or batch", 409: "the batch has ended", 429: "too many requests in flight",
+            500: "the backend failed", 503: "no backend or a full queue"}
     return {str(c): _json({"$ref": "#/components/schemas/Error"}, text[c]) for c in codes}
 
 
@@ -212,7 +232,7 @@ def openapi_document(model_name: str, vocab_size: int) -> dict[str, Any]:
                  "description": "OpenAI-compatible API (vLLM's extensions included). Parameters not listed are "
                                 "refused with 400."},
         "components": {
-            "schemas": {"Error": _ERROR, "Model": _MODEL},
+            "schemas": {"Error": _ERROR, "Model": _MODEL, "File": _FILE, "Batch": _BATCH},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "description": "only when the server was started with API keys"},
                                 "basic": {"type": "http", "scheme": "basic",
@@ -240,6 +260,7 @@ def openapi_document(model_name: str, vocab_size: int) -> dict[str, Any]:
                 "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": _STR}],
                 "responses": {"200": _json({"$ref": "#/components/schemas/Model"}, "the model"),
                               **_errors(401, 404)}}},
+            **_batch_paths(security),
             "/health": {"get": {"summary": "Liveness of the backend", "responses": {
                 "200": _json(_HEALTH, "scheduler and worker alive"), "503": _json(_HEALTH, "no backend")}}},
             "/ping": {
@@ -291,4 +312,54 @@ def openapi_document(model_name: str, vocab_size: int) -> dict[str, Any]:
                 "responses": {"200": _json({"type": "object", "required": ["prompt"], "properties": {
                     "prompt": _STR}}, "text"), **_errors(400, 401, 404)}}},
         },
+    }
+
+
+def _batch_paths(security: list) -> dict:
+    """OpenAI's Files (purpose batch) and Batches endpoints (gateway/batch_api.py)."""
+    file_ref, batch_ref = {"$ref": "#/components/schemas/File"}, {"$ref": "#/components/schemas/Batch"}
+    file_id = [{"name": "file_id", "in": "path", "required": True, "schema": _STR}]
+    batch_id = [{"name": "batch_id", "in": "path", "required": True, "schema": _STR}]
+    return {
+        "/v1/files": {"post": {
+            "summary": "Upload a batch input file (JSONL)", "security": security,
+            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                "type": "object", "required": ["file", "purpose"], "additionalProperties": False, "properties": {
+                    "file": {"type": "string", "format": "binary"}, "purpose": {"const": "batch"}}}}}},
+            "responses": {"200": _json(file_ref, "the file"), **_errors(400, 401)}}},
+        "/v1/files/{file_id}": {"get": {
+            "summary": "A file", "security": security, "parameters": file_id,
+            "responses": {"200": _json(file_ref, "the file"), **_errors(401, 404)}}},
+        "/v1/files/{file_id}/content": {"get": {
+            "summary": "A file's content", "security": security, "parameters": file_id,
+            "responses": {"200": {"description": "JSONL", "content": {"application/jsonl": {"schema": _STR}}},
+                          **_errors(401, 404)}}},
+        "/v1/batches": {
+            "post": {
+                "summary": "Run a batch: the requests of an uploaded file, queued below interactive traffic",
+                "security": security,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["input_file_id", "endpoint", "completion_window"],
+                    "additionalProperties": False, "properties": {
+                        "input_file_id": _STR, "endpoint": {"enum": ["/v1/completions", "/v1/chat/completions"]},
+                        "completion_window": {"const": "24h"},
+                        "metadata": _nullable({"type": "object", "additionalProperties": _STR})}}}}},
+                "responses": {"200": _json(batch_ref, "the batch"), **_errors(400, 401, 404)}},
+            "get": {
+                "summary": "Batches, newest first", "security": security,
+                "parameters": [{"name": "after", "in": "query", "required": False, "schema": _STR},
+                               {"name": "limit", "in": "query", "required": False,
+                                "schema": {**_INT, "minimum": 1, "maximum": 100}}],
+                "responses": {"200": _json({"type": "object", "required": ["object", "data", "has_more"],
+                                            "properties": {"object": {"const": "list"}, "data": {
+                                                "type": "array", "items": batch_ref},
+                                                "first_id": _nullable(_STR), "last_id": _nullable(_STR),
+                                                "has_more": _BOOL}}, "batches"), **_errors(400, 401)}}},
+        "/v1/batches/{batch_id}": {"get": {
+            "summary": "A batch", "security": security, "parameters": batch_id,
+            "responses": {"200": _json(batch_ref, "the batch"), **_errors(401, 404)}}},
+        "/v1/batches/{batch_id}/cancel": {"post": {
+            "summary": "Cancel a batch: requests not yet run end with code batch_cancelled", "security": security,
+            "parameters": batch_id,
+            "responses": {"200": _json(batch_ref, "the batch, cancelling"), **_errors(401, 404, 409)}}},
     }

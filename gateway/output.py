@@ -61,6 +61,7 @@ class ChoiceOutput:
         self.prefix_len = len(prefix)
         self.emitted = 0  # characters of self.text already handed out
         self.num_tokens = 0
+        self.token_ids: list[int] = []  # generated, as they came
         self.finish_reason: str | None = None
         self.stopped_by_string = False  # the job is still running: the caller must cancel it
         self.error: str | None = None
@@ -90,6 +91,7 @@ class ChoiceOutput:
             delta.finish_reason = self.finish_reason
             return delta
         self.num_tokens += len(ev.token_ids)
+        self.token_ids.extend(ev.token_ids)
         if ev.logprobs:
             self.cumulative_logprob += sum(ev.logprobs)
         if self.want_logprobs:

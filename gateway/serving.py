@@ -56,18 +56,9 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     req = await asyncio.to_thread(parse, body, state.config, state.model,
                                   state.tracker.max_model_len(state.model.max_model_len))
     state.tracker.admit(len(req.prompts) * req.best_of)
-    prefix = "cmpl" if kind == "completion" else "chatcmpl"
-    request_id = f"{prefix}-{req.request_id or uuid.uuid4().hex}"
+    request_id = response_id(req)
     trace_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
-    choices, jobs = [], []
-    for p, prompt in enumerate(req.prompts):
-        for j in range(req.best_of):
-            index = p * req.best_of + j
-            choices.append(ChoiceOutput(index, state.model, prompt, req.stop,
-                                        include_stop=req.include_stop_str_in_output, logprobs=req.logprobs,
-                                        skip_special_tokens=req.skip_special_tokens,
-                                        prefix=req.echo_texts[p] if req.echo else "", discard=req.echo_only))
-            jobs.append((f"{request_id}-{index}", prompt, req.choice_sampling(j)))
+    choices, jobs = plan_choices(state, req, request_id)
     request[ACCESS].update(request_id=request_id, prompt_tokens=sum(len(p) for p in req.prompts))
     with bind_job(request_id, trace_id):
         arrival = time.monotonic()
@@ -96,7 +87,25 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
             state.tracker.release(sub, reason="client disconnected")
 
 
-async def _events(request: web.Request, state: GatewayState, sub: Submission, choices: list[ChoiceOutput],
+def response_id(req: GenerateRequest) -> str:
+    return f"{'cmpl' if req.kind == 'completion' else 'chatcmpl'}-{req.request_id or uuid.uuid4().hex}"
+
+
+def plan_choices(state: GatewayState, req: GenerateRequest, request_id: str) -> tuple[list[ChoiceOutput], list]:
+    """One ChoiceOutput and one job (job id, prompt ids, sampling) per choice: best_of per prompt."""
+    choices, jobs = [], []
+    for p, prompt in enumerate(req.prompts):
+        for j in range(req.best_of):
+            index = p * req.best_of + j
+            choices.append(ChoiceOutput(index, state.model, prompt, req.stop,
+                                        include_stop=req.include_stop_str_in_output, logprobs=req.logprobs,
+                                        skip_special_tokens=req.skip_special_tokens,
+                                        prefix=req.echo_texts[p] if req.echo else "", discard=req.echo_only))
+            jobs.append((f"{request_id}-{index}", prompt, req.choice_sampling(j)))
+    return choices, jobs
+
+
+async def _events(request: web.Request | None, state: GatewayState, sub: Submission, choices: list[ChoiceOutput],
                   timing: _Timing) -> AsyncIterator[tuple[ChoiceOutput, Delta]]:
     """(choice, delta) as token events arrive, until every choice is finished
     or the request's deadline passes (then the unfinished choices end in an
@@ -263,6 +272,14 @@ async def _full(request, state, req, sub, choices, request_id, trace_id, arrival
         async for c, _ in events:
             if c.error is not None:
                 return error_response(_error_from_event(c), state)
+    resp, returned = response_body(state, req, choices, request_id)
+    _finish_request(request, state, req, returned, timing)
+    return json_response(resp, headers={"X-Request-Id": trace_id})
+
+
+def response_body(state: GatewayState, req: GenerateRequest, choices: list[ChoiceOutput],
+                  request_id: str) -> tuple[dict, list[ChoiceOutput]]:
+    """The non-streamed response of finished choices, and the choices it returns (best_of keeps n)."""
     created = int(time.time())
     prompt_lps = _prompt_logprobs_by_prompt(req, choices)
     returned = _best(req, choices)
@@ -283,12 +300,11 @@ async def _full(request, state, req, sub, choices, request_id, trace_id, arrival
             choice = {"index": c.index, "message": message, "finish_reason": reason,
                       "logprobs": _chat_logprobs(model, c.all_logprobs) if req.logprobs else None}
         out.append(choice)
-    usage = _finish_request(request, state, req, returned, timing)
     resp = {"id": request_id, "object": "text_completion" if req.kind == "completion" else "chat.completion",
-            "created": created, "model": model.name, "choices": out, "usage": usage}
+            "created": created, "model": model.name, "choices": out, "usage": _usage(req, returned)}
     if req.kind == "chat" and req.prompt_logprobs is not None:
         resp["prompt_logprobs"] = _vllm_prompt_logprobs(model, req.prompts[0], prompt_lps[0])
-    return json_response(resp, headers={"X-Request-Id": trace_id})
+    return resp, returned
 
 
 async def _stream(request, state, req, sub, choices, request_id, trace_id, arrival) -> web.StreamResponse:

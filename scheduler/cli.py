@@ -1,5 +1,5 @@
 """`fastserve sim` and `fastserve bench scheduler`. (`fastserve scheduler`,
-the service, is registered by deploy/launcher.py.)"""
+the service, is registered by src/fastserve/launcher.py.)"""
 from __future__ import annotations
 
 import argparse

@@ -141,3 +141,43 @@ async def test_cancelled_subscription_leaves_messages_for_the_next_consumer(bus)
     second = Collector()
     await bus.consume("q.handover", second)
     assert [b for b, _ in await second.wait_for(1)] == [b"2"]
+
+
+async def test_deliveries_carry_properties_and_run_concurrently_each_acked_alone(bus):
+    """consume_deliveries: the AMQP properties come through, N handlers run at
+    once, and a cancelled subscription returns the unfinished ones, redelivered."""
+    from fastserve.common.bus import JSON, Properties
+
+    await bus.declare_queue("q.public")
+    started, release = [], asyncio.Event()
+    all_started = asyncio.Event()
+
+    async def slow(d):
+        started.append(d)
+        if len(started) == 3:
+            all_started.set()
+        await release.wait()
+
+    sub = await bus.consume_deliveries("q.public", slow, prefetch=3, concurrency=3)
+    for i in range(3):
+        await bus.publish("q.public", str(i).encode(), props=Properties(
+            content_type=JSON, reply_to="r", correlation_id=f"c{i}", expiration=60, timestamp=1700000000.0))
+    await asyncio.wait_for(all_started.wait(), 10)  # three at once: none had to finish first
+    d = started[0]
+    assert (d.props.content_type, d.props.reply_to, d.props.expiration, d.props.timestamp) == (
+        JSON, "r", 60.0, 1700000000.0)
+    assert sorted(x.props.correlation_id for x in started) == ["c0", "c1", "c2"]
+    assert not any(x.props.redelivered for x in started)
+    await sub.cancel()  # their handlers never returned: back to the queue
+    again = []
+
+    async def quick(d):
+        again.append(d)
+
+    await bus.consume_deliveries("q.public", quick, concurrency=2)
+    for _ in range(500):
+        if len(again) == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert sorted(x.body for x in again) == [b"0", b"1", b"2"]
+    assert all(x.props.redelivered for x in again)

@@ -102,7 +102,9 @@ def test_a_real_core_jobs_sink_and_get_preempted():
     for name, n in (("a", 5), ("b", 5), ("c", 15), ("d", 30)):
         core.add_job(JobSpec(name, 0.0, n, 50), 0.0)
     snap = core.snapshot()
-    assert [[j.job_id for j in lv.jobs] for lv in snap.levels] == [["a", "b"], ["c"], ["d"], []]
+    # The last level is the batch class (priority > 0), below every level of the policy.
+    assert [[j.job_id for j in lv.jobs] for lv in snap.levels] == [["a", "b"], ["c"], ["d"], [], []]
+    assert snap.levels[-1].quantum is None
     assert {j.state for lv in snap.levels for j in lv.jobs} == {"waiting"}
 
     d1 = core.schedule(0.0)
@@ -112,7 +114,7 @@ def test_a_real_core_jobs_sink_and_get_preempted():
     snap = core.snapshot()
     # In Q1, c entered first; a and b entered when they were demoted.
     assert [[(j.job_id, j.state) for j in lv.jobs] for lv in snap.levels] == [
-        [], [("c", "waiting"), ("a", "running"), ("b", "running")], [("d", "waiting")], []]
+        [], [("c", "waiting"), ("a", "running"), ("b", "running")], [("d", "waiting")], [], []]
     a = snap.levels[1].jobs[1]
     assert (a.generated, a.charge, a.join_level, a.kv) == (2, 0.0, 0, "gpu")
 

@@ -28,10 +28,14 @@ def up(tiny_model_dir, tmp_path_factory):
     """(base url, process, pool directory): the whole stack in one process."""
     port = _free_port()
     pool = tmp_path_factory.mktemp("shm")
+    # The log goes to a file: a pipe nobody reads while the server runs fills after a few hundred
+    # request lines and then blocks the server's event loop on its next log write.
+    log = open(pool / "up.log", "w+b")
     proc = subprocess.Popen(
         [sys.executable, "-m", "fastserve.cli", "up", "--model", str(tiny_model_dir), "--served-model-name",
          "tiny", "--port", str(port), "--api-key", KEY, "--gpu-kv-blocks", "64", "--host-kv-blocks", "32",
-         "--host-kv-dir", str(pool)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+         "--host-kv-dir", str(pool), "--database", f"sqlite:///{pool}/fastserve.db"],
+        stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -40,13 +44,14 @@ def up(tiny_model_dir, tmp_path_factory):
                 break
         except (urllib.error.URLError, ConnectionError):
             pass
-        assert proc.poll() is None, proc.stderr.read().decode()
+        assert proc.poll() is None, (pool / "up.log").read_text()[-4000:]
         assert time.monotonic() < deadline, "fastserve up never became healthy"
         time.sleep(0.1)
     yield base, proc, pool
     if proc.poll() is None:
         proc.kill()
-        proc.communicate()
+        proc.wait()
+    log.close()
 
 
 def test_openapi_document_matches_the_live_server(up):
@@ -58,7 +63,10 @@ def test_openapi_document_matches_the_live_server(up):
                           ("GET", "/version"), ("GET", "/metrics"), ("GET", "/openapi.json"),
                           ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/dashboard"),
                           ("GET", "/dashboard/static/{name}"), ("GET", "/dashboard/snapshot"),
-                          ("GET", "/dashboard/stream")}
+                          ("GET", "/dashboard/stream"), ("POST", "/v1/files"),
+                          ("GET", "/v1/files/{file_id}"), ("GET", "/v1/files/{file_id}/content"),
+                          ("POST", "/v1/batches"), ("GET", "/v1/batches"), ("GET", "/v1/batches/{batch_id}"),
+                          ("POST", "/v1/batches/{batch_id}/cancel")}
     schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
     for op in (result.ok() for result in schema.get_all_operations()):
         if op.path == "/dashboard/stream":
@@ -96,7 +104,8 @@ def test_ctrl_c_stops_cleanly_and_removes_the_pool_file(up):
         assert r.status == 200
     assert list(pool.glob("fastserve-kv-*.bin"))  # the KV store's pool, named for its instance
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
+    proc.wait(timeout=30)
+    err = (pool / "up.log").read_bytes()
     assert proc.returncode == 0, err.decode()[-2000:]
     assert not list(pool.glob("fastserve-kv-*.bin"))
     lines = [json.loads(line) for line in err.decode().split("\n") if line.startswith("{")]

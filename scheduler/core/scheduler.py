@@ -17,6 +17,7 @@ iteration or a copy uses its blocks. update()s of one job arrive in order.
 from __future__ import annotations
 
 import bisect
+import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
@@ -74,6 +75,11 @@ class SchedulerCore:
         self.starvation_threshold = ((c.starvation_threshold or c.starvation_slo_factor * self.slo)
                                      * self.policy.starvation_patience)
         n = self.policy.num_levels
+        # Batch work (priority > 0) waits in one more level below every level
+        # of the policy: it runs only on capacity the interactive jobs leave,
+        # FCFS, never demoted nor promoted, and its KV is the first to move out.
+        self.background = n
+        n += 1
         # ENST needs finite quanta even where the policy never demotes.
         self._qf = [self.base_quantum * c.quantum_ratio ** i for i in range(n)]
         self._levels = [Level() for _ in range(n)]
@@ -98,12 +104,13 @@ class SchedulerCore:
         if self.kv.blocks(total) > self.config.num_gpu_blocks:
             raise ValueError(f"job {spec.job_id}: needs {self.kv.blocks(total)} KV blocks, the GPU pool has "
                              f"{self.config.num_gpu_blocks}")
-        job = Job(spec, self.policy.join_level(spec.input_len), now)
+        job = Job(spec, self.background if spec.priority > 0 else self.policy.join_level(spec.input_len), now)
         self._set_key(job)
         self._jobs[spec.job_id] = job
         self._levels[job.level].add(job)
-        self.policy.arrive(job, now)
-        self._starve[spec.job_id] = job
+        if job.level != self.background:  # batch work is neither learned from nor promoted
+            self.policy.arrive(job, now)
+            self._starve[spec.job_id] = job
         self.join_histogram[job.level] += 1
 
     def cancel(self, job_id: str) -> None:
@@ -168,7 +175,8 @@ class SchedulerCore:
             job = self._jobs.get(jid)
             if job is not None and not job.cancelled:
                 self.stats.finished += 1
-                self.policy.observe(job)
+                if job.level != self.background:
+                    self.policy.observe(job)
                 self._retire(job)
 
     def copy_done(self, job_id: str, move_id: int, now: float, ok: bool = True) -> bool:
@@ -258,14 +266,16 @@ class SchedulerCore:
     def snapshot(self, max_jobs: int = MAX_JOBS):
         """A bounded picture of the levels and the KV for people (scheduler/core/snapshot.py)."""
         running = [self._jobs[j] for j in self._last_batch if j in self._jobs]
-        return build_snapshot(self._levels, self.policy.quanta, running, self.kv, self.stats,
+        quanta = (*self.policy.quanta, math.inf)  # the batch level: never demoted out
+        return build_snapshot(self._levels, quanta, running, self.kv, self.stats,
                               sum(self.join_histogram), self._iteration, self.slo, max_jobs)
 
     # ------------------------------------------------------------ internals
     def _set_key(self, job: Job) -> None:
         self._seq += 1
         job.seq = self._seq
-        job.key = self.policy.key(job)
+        # The batch level is first come, first served, whatever the policy.
+        job.key = (job.seq,) if job.level == self.background else self.policy.key(job)
 
     def _reprioritize(self, job: Job, level: int, key: tuple[int, ...]) -> None:
         self.kv.unrank(job)
@@ -284,6 +294,8 @@ class SchedulerCore:
         self._reprioritize(job, level, self.policy.key(job))
 
     def _charge(self, job: Job, elapsed: float, now: float) -> None:
+        if job.level == self.background:
+            return
         lv = self._levels[job.level]
         job.charge += elapsed
         lv.charge_sum += elapsed
@@ -339,7 +351,7 @@ class SchedulerCore:
         tokens_left = cfg.max_tokens_per_batch
         max_b = cfg.max_batch_size
         admit_open = True
-        waiting = sum(lv.num_fresh for lv in self._levels)  # O(levels)
+        waiting = sum(lv.num_fresh for lv in self._levels[:self.background])  # interactive; O(levels)
         # Jobs that cannot run (blocked, swapped, busy) are looked at up to a
         # budget, so memory pressure cannot make one iteration scan every job.
         budget = cfg.max_candidates
@@ -460,12 +472,13 @@ class SchedulerCore:
         levels, qf, bsz = self._levels, self._qf, self.config.max_batch_size
         starving = self.policy.starvation
         threshold = self.starvation_threshold
+        background = self.background
         bisect_left = bisect.bisect_left
 
         def enst_of(job: Job) -> float:
             lv = job.level
             work = (base[lv] + bisect_left(levels[lv].keys, job.key) * qf[lv]) / bsz
-            if starving:
+            if starving and lv != background:
                 starve = threshold - (now - job.starve_clock)
                 return min(work, starve if starve > 0.0 else 0.0)
             return work

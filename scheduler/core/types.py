@@ -17,6 +17,8 @@ class JobSpec:
     max_tokens: int
     # Only the srpt oracle and the simulator know the real output length.
     output_len: int | None = None
+    # 0: interactive; > 0: batch work, which runs only on capacity the interactive jobs leave.
+    priority: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.job_id, str) or not self.job_id:

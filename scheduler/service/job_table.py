@@ -119,7 +119,7 @@ class JobTable:
         if need > self.num_gpu_blocks:
             return None, (f"the job needs up to {need} KV blocks but the GPU pool has only "
                           f"{self.num_gpu_blocks}; lower max_tokens or raise --gpu-kv-blocks")
-        spec = JobSpec(job_id=msg.job_id, arrival_time=now, input_len=n, max_tokens=remaining)
+        spec = JobSpec(job_id=msg.job_id, arrival_time=now, input_len=n, max_tokens=remaining, priority=msg.priority)
         job = Job(msg.job_id, msg.trace_id, msg.reply_to, list(msg.prompt_token_ids), sampling, spec,
                   msg.arrival_time, msg.num_generated, w.max_model_len, tuple(w.eos_token_ids), msg.deadline)
         self._jobs[job.job_id] = job

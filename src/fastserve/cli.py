@@ -15,6 +15,7 @@ _COMMAND_MODULES = (
     "fastserve.scheduler.cli",  # sim, bench, scheduler
     "fastserve.gateway.cli",  # gateway
     "fastserve.launcher",  # up, scheduler, worker, kvstore
+    "fastserve.run_batch",  # run-batch
 )
 
 

@@ -76,6 +76,10 @@ class NodeConfig:
     kvstore_timeout: float = S.KVSTORE_TIMEOUT()
     health_timeout: float = S.HEALTH_TIMEOUT()
     request_timeout: float = S.REQUEST_TIMEOUT()
+    queue_timeout: float = S.QUEUE_TIMEOUT()
+    database: str = S.DATABASE()
+    queue_concurrency: int = S.QUEUE_CONCURRENCY()
+    result_retention: float = S.RESULT_RETENTION()
     log_level: str = S.LOG_LEVEL()
 
     def __post_init__(self) -> None:
@@ -163,11 +167,12 @@ class Stack:
     """Some or all of the services on one bus, in this process (`fastserve up`, tests)."""
 
     def __init__(self, cfg: NodeConfig, bus, *, services=("kvstore", "worker", "scheduler", "gateway"),
-                 gateway_overrides: dict | None = None):
+                 gateway_overrides: dict | None = None, serve_http: bool = True):
         self.cfg = cfg
         self.bus = bus
         self.services = tuple(services)
         self.gateway_overrides = gateway_overrides or {}
+        self.serve_http = serve_http  # False: the gateway serves the submission queue only (run-batch)
         self.kvstore = self.worker = self.scheduler = None
         self.ranks: list = []  # the worker's other ranks, when the replica is split (processes)
         self.runner = None
@@ -264,6 +269,8 @@ class Stack:
         app = create_app(self.cfg.gateway_config(**self.gateway_overrides), self.bus)
         self.runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self.runner.setup()
+        if not self.serve_http:
+            return
         site = web.TCPSite(self.runner, self.cfg.host, self.cfg.port)
         await site.start()
         self.port = self.runner.addresses[0][1] if self.runner.addresses else self.cfg.port
