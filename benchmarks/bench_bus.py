@@ -17,7 +17,7 @@ import time
 import uuid
 
 from fastserve.common.bus import make_bus
-from fastserve.common.schemas import TokenEvent, encode
+from fastserve.common.schemas import TokenBatch, TokenEvent, encode
 
 
 async def measure(url: str, n: int, rtts: int) -> dict:
@@ -26,7 +26,9 @@ async def measure(url: str, n: int, rtts: int) -> dict:
     try:
         for q in ("ping", "pong", "flood"):
             await bus.declare_queue(q, durable=False, auto_delete=True)
-        body = encode(TokenEvent("job-" + "x" * 32, "t" * 32, [1234], logprobs=[-0.5], num_generated=10))
+        # One iteration's token message for one gateway with one job in it (what the bus carries most).
+        body = encode(TokenBatch("sched-" + "x" * 8, [TokenEvent("job-" + "x" * 32, [1234], logprobs=[-0.5],
+                                                                num_generated=10)]))
 
         async def echo(data, headers):
             await bus.publish("pong", data)

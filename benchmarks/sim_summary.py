@@ -75,13 +75,17 @@ def bandwidth_table() -> None:
 
 def bench_table() -> None:
     b = load("bench_scheduler")
-    print(f"\npolicy {b['policy']}, batch {b['batch']}\n")
-    print("| waiting jobs | p50 (us) | p99 (us) | mean (us) | promotions |")
-    print("|---|---|---|---|---|")
-    for n, r in b["waiting"].items():
-        print(f"| {n} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | {r['mean_us']:.0f} | {r['promotions']} |")
-    print(f"\np99 largest / smallest: {b['p99_ratio_largest_vs_smallest']:.2f}x")
-
+    print(f"\npolicy {b['policy']}, batch {b['batch']}, KV policy {b['kv_policy']}\n")
+    print("| regime | waiting jobs | p50 (us) | p99 (us) | CPU p99 (us) | mean (us) | promotions | mean jobs swapped |")
+    print("|---|---|---|---|---|---|---|---|")
+    regimes = [r for r in ("default", "pressure") if r in b]
+    for regime in regimes:
+        for n, r in b[regime]["waiting"].items():
+            print(f"| {regime} | {n} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | {r['cpu_p99_us']:.0f} | {r['mean_us']:.0f} | "
+                  f"{r['promotions']} | {r['mean_jobs_swapped']:.0f} |")
+    print()
+    for regime in regimes:
+        print(f"p99 largest / smallest ({regime}): {b[regime]['p99_ratio_largest_vs_smallest']:.2f}x")
 
 if __name__ == "__main__":
     for name in ("sharegpt_cv2", "sharegpt_cv1", "alpaca_cv2", "longprompt"):
