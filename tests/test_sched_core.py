@@ -184,6 +184,32 @@ def test_block_table_grows_and_is_freed():
     assert fin == ["a"] and core.gpu_blocks_used() == 0 and core.num_jobs == 0
 
 
+def test_preemption_is_counted_with_asynchronous_iterations():
+    """The service plans iteration i+1 while i runs: a decoding job of batch i
+    is still in flight, yet could be in batch i+1. Left out for a job ahead of
+    it, it is preempted and counted (the dashboard's preemptions per second)."""
+    core = make_core("fcfs", max_batch_size=1)
+    core.add_job(JobSpec("a", 0, 4, 50, 50), 0.0)
+    d1 = core.schedule(0.0)
+    assert [e.job_id for e in d1.batch] == ["a"]
+    d2 = core.schedule(0.0)  # a's first token still in flight: fed by the worker
+    assert [e.job_id for e in d2.batch] == ["a"] and d2.preempted == []
+    core.add_job(JobSpec("b", 0.0, 4, 50, 2), 0.0)
+    core.update(IterationResult(d1.iteration, 0.01, []), 0.01)
+    # b is not ahead of a under fcfs: no preemption while a keeps running.
+    d3 = core.schedule(0.01)
+    assert [e.job_id for e in d3.batch] == ["a"] and core.stats.preemptions == 0
+
+    core = make_core("srpt", max_batch_size=1)  # b (2 tokens) goes ahead of a (50)
+    core.add_job(JobSpec("a", 0, 4, 50, 50), 0.0)
+    d1 = core.schedule(0.0)
+    core.add_job(JobSpec("b", 0.0, 4, 50, 2), 0.0)
+    d2 = core.schedule(0.0)  # a still in flight
+    assert [e.job_id for e in d2.batch] == ["b"]
+    assert d2.preempted == ["a"] and core.stats.preemptions == 1
+    assert core.num_running == 1
+
+
 def test_preempted_jobs_keep_their_kv_and_are_reported():
     core = make_core("sj-mlfq", max_batch_size=1)
     gen = {}

@@ -141,8 +141,11 @@ class SchedulerCore:
         batch = [self._commit(job, n, it) for job, n in walk.batch]
         uploads = self._uploads(plan.upload)
         ids = {e.job_id for e in batch}
+        # Preempted: in the last batch, could run in this one, and was left out. With asynchronous
+        # iterations a job of the last batch is still in flight here, yet runnable (its token in flight
+        # is fed to it by the worker), so "runnable", not "not in flight", is the test.
         preempted = [jid for jid in self._last_batch if jid not in ids and jid in self._jobs
-                     and not self._jobs[jid].cancelled and not self._jobs[jid].in_flight]
+                     and not self._jobs[jid].cancelled and self._runnable(self._jobs[jid])]
         self.stats.preemptions += len(preempted)
         self._last_batch = ids
         self._outstanding[it] = batch
