@@ -428,21 +428,35 @@ class SchedulerCore:
         by memory, not by the number of waiting jobs; adds no more blocked
         jobs than the budget allows."""
         max_b = self.config.max_batch_size
-        taken = {j.id for j, _ in w.batch}
+        batch, blocked = w.batch, w.blocked
+        taken = {j.id for j, _ in batch}
+        # This loop runs over every resident job (~hundreds) in most iterations under memory
+        # pressure: _runnable() and _take() are inlined (same tests, same arithmetic), as the
+        # function calls were most of the scheduler's tail latency (benchmarks/results/scheduler.md).
+        it, gap = self._iteration, self.config.reschedule_gap
+        bs = self.kv.block_size
         for job in self.kv.ranked[Loc.GPU].highest_first():
-            if len(w.batch) >= max_b or tokens_left <= 0:
+            if len(batch) >= max_b or tokens_left <= 0:
                 break
-            if job.id in taken or job.cancelled or not self._runnable(job):
+            if job.cancelled or job.id in taken:
                 continue
-            n, need = self._take(job, tokens_left, free)
+            known = job.spec.input_len + job.num_generated + job.pending_samples  # job.known_tokens
+            scheduled = job.num_scheduled
+            if job.in_flight and not (it - job.last_iteration >= gap and known > scheduled
+                                      and job.num_generated + job.pending_samples < job.spec.max_tokens):
+                continue  # not _runnable()
+            n = min(known - scheduled, tokens_left)
             if n <= 0:
                 continue
+            need = -(-(scheduled + n) // bs) - len(job.gpu_blocks)  # kv.need()
+            if need < 0:
+                need = 0
             if need <= free:
-                w.batch.append((job, n))
+                batch.append((job, n))
                 free -= need
                 tokens_left -= n
-            elif len(w.batch) + len(w.blocked) < max_b:
-                w.blocked.append((job, need))
+            elif len(batch) + len(blocked) < max_b:
+                blocked.append((job, need))
         w.free = free
 
     def _commit(self, job: Job, n: int, it: int) -> BatchEntry:
