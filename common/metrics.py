@@ -16,6 +16,7 @@ from fastserve.common.schemas import SchedulerStats
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                     20.0, 40.0, 80.0, 160.0)
+_BATCH_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0)
 _ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
 
 
@@ -37,6 +38,12 @@ class Metrics:
         self.request_queue_time = Histogram(
             "fastserve:request_queue_time_seconds", "Time a request waited before it was first scheduled.", m,
             buckets=_LATENCY_BUCKETS, registry=r)
+        # The latency histograms above describe interactive requests (REST, and queue requests
+        # with priority 0). Batch-class work from the submission queue waits behind them by
+        # design; mixed in, its hours-long latencies would hide what interactive users see.
+        self.batch_request_latency = Histogram(
+            "fastserve:batch_request_latency_seconds", "Batch-class requests from the submission queue: from "
+            "the message's timestamp (or its taking) to the last token.", m, buckets=_BATCH_BUCKETS, registry=r)
         self.prompt_tokens = Counter("fastserve:prompt_tokens", "Prompt tokens processed.", m, registry=r)
         self.generation_tokens = Counter("fastserve:generation_tokens", "Tokens generated.", m, registry=r)
         self.request_success = Counter(
@@ -79,6 +86,15 @@ class Metrics:
         """Once per request (not per choice): its latency, its prompt tokens
         (each prompt once) and the tokens of every choice it returns."""
         self.e2e_request_latency.labels(self.model_name).observe(seconds)
+        self.request_success.labels(self.model_name, finish_reason).inc()
+        self.prompt_tokens.labels(self.model_name).inc(prompt_tokens)
+        self.generation_tokens.labels(self.model_name).inc(generated_tokens)
+
+    def observe_batch_request(self, seconds: float, finish_reason: str, prompt_tokens: int,
+                              generated_tokens: int) -> None:
+        """A batch-class request finished: its own latency histogram; counted in
+        request_success and the token counters like any request."""
+        self.batch_request_latency.labels(self.model_name).observe(seconds)
         self.request_success.labels(self.model_name, finish_reason).inc()
         self.prompt_tokens.labels(self.model_name).inc(prompt_tokens)
         self.generation_tokens.labels(self.model_name).inc(generated_tokens)

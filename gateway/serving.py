@@ -39,8 +39,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 class _Timing:
     """When a request's first token and each choice's last token arrived."""
 
-    def __init__(self, arrival: float, num_choices: int) -> None:
+    def __init__(self, arrival: float, num_choices: int, interactive: bool = True) -> None:
         self.arrival = arrival
+        # Batch-class requests (submission queue) stay out of the latency histograms
+        # and the dashboard's samples: those describe interactive traffic.
+        self.interactive = interactive
         self.first: float | None = None
         self.last: list[float | None] = [None] * num_choices
         self.queue_seen = False
@@ -139,34 +142,49 @@ async def _events(request: web.Request | None, state: GatewayState, sub: Submiss
 
 def _observe(state: GatewayState, t: _Timing, index: int, ev) -> None:
     now = time.monotonic()
+    metrics = state.metrics if t.interactive else None
     if ev.queue_time is not None and not t.queue_seen:
         t.queue_seen = True
-        state.metrics.observe_queue_time(ev.queue_time)
+        if metrics:
+            metrics.observe_queue_time(ev.queue_time)
     if not ev.token_ids:
         return
     if t.first is None:
         t.first = now
-        state.metrics.observe_first_token(now - t.arrival)
+        if metrics:
+            metrics.observe_first_token(now - t.arrival)
     last = t.last[index]
-    if last is not None:
+    if last is not None and metrics:
         for _ in ev.token_ids:
-            state.metrics.observe_inter_token((now - last) / len(ev.token_ids))
+            metrics.observe_inter_token((now - last) / len(ev.token_ids))
     t.last[index] = now
 
 
-def _finish_request(request: web.Request, state: GatewayState, req: GenerateRequest,
-                    returned: list[ChoiceOutput], timing: _Timing) -> dict:
-    """Metrics, the dashboard's latency samples and the access-log fields of a
-    request that completed; its usage."""
+def observe_finished(state: GatewayState, req: GenerateRequest, returned: list[ChoiceOutput], timing: _Timing,
+                     queued: float = 0.0) -> tuple[dict, str]:
+    """Metrics and the dashboard's latency samples of a request that completed
+    (`queued`: seconds it waited before the gateway took it, for the submission
+    queue's batch class); its usage and finish reason."""
     usage = _usage(req, returned)
     reasons = [c.finish_reason or "stop" for c in returned]
     reason = "length" if "length" in reasons else reasons[0]
     seconds = time.monotonic() - timing.arrival
-    state.metrics.observe_request(seconds, reason, usage["prompt_tokens"], usage["completion_tokens"])
-    state.dashboard.observe_request(None if timing.first is None else timing.first - timing.arrival,
-                                    timing.norm_latency)
-    request[ACCESS].update(completion_tokens=usage["completion_tokens"], finish_reason=reason)
+    if timing.interactive:
+        state.metrics.observe_request(seconds, reason, usage["prompt_tokens"], usage["completion_tokens"])
+        state.dashboard.observe_request(None if timing.first is None else timing.first - timing.arrival,
+                                        timing.norm_latency)
+    else:
+        state.metrics.observe_batch_request(queued + seconds, reason, usage["prompt_tokens"],
+                                            usage["completion_tokens"])
     log.debug("request.finished", usage=usage, seconds=round(seconds, 4), finish_reasons=reasons)
+    return usage, reason
+
+
+def _finish_request(request: web.Request, state: GatewayState, req: GenerateRequest,
+                    returned: list[ChoiceOutput], timing: _Timing) -> dict:
+    """observe_finished, and the access-log fields of an HTTP request."""
+    usage, reason = observe_finished(state, req, returned, timing)
+    request[ACCESS].update(completion_tokens=usage["completion_tokens"], finish_reason=reason)
     return usage
 
 

@@ -39,7 +39,7 @@ from fastserve.gateway.app import GatewayState
 from fastserve.gateway.errors import APIError, bad
 from fastserve.gateway.protocol import parse_chat, parse_completion
 from fastserve.gateway.serving import (
-    _error_from_event, _events, _Timing, plan_choices, response_body, response_id,
+    _error_from_event, _events, _Timing, observe_finished, plan_choices, response_body, response_id,
 )
 from fastserve.gateway.store import RequestStore
 
@@ -119,7 +119,7 @@ class SubmissionQueue:
                                            state.tracker.max_model_len(state.model.max_model_len))
             request_id = response_id(greq)
             choices, jobs = plan_choices(state, greq, request_id)
-            timing = _Timing(arrival, len(choices))
+            timing = _Timing(arrival, len(choices), interactive=req.priority == 0)
             sub = await state.tracker.submit(req.request_id, jobs, priority=req.priority, deadline=deadline)
             sent = [0] * len(choices)  # token ids already sent as RequestTokens, per choice
             try:
@@ -133,11 +133,14 @@ class SubmissionQueue:
             finally:
                 state.tracker.release(sub, reason="request ended")
             body, returned = response_body(state, greq, choices, request_id)
+            observe_finished(state, greq, returned, timing, queued)
         except APIError as err:
+            state.metrics.observe_error(err.status)
             return SubmitResult(req.request_id, err.status, error=err.body()["error"],
                                 timings=Timings(queued, time.monotonic() - arrival))
         except Exception as exc:  # noqa: BLE001 - the sender gets a 500 result, the log the traceback
             log.exception("queue.request_failed", request_id=req.request_id)
+            state.metrics.observe_error(500)
             return SubmitResult(req.request_id, 500, error={
                 "message": f"Internal error: {type(exc).__name__}: {exc}", "type": "server_error", "param": None,
                 "code": "internal_error"}, timings=Timings(queued, time.monotonic() - arrival))

@@ -107,6 +107,45 @@ async def test_msgpack_and_json_requests_get_their_results_and_ids_run_once(stac
     assert stack.scheduler.core.stats.finished == finished
 
 
+async def test_batch_class_requests_stay_out_of_the_interactive_latency_histograms(stack, memory_bus):
+    """Queue requests are counted (success, tokens); a batch-class one (the
+    queue's default priority) has its own latency histogram, while the TTFT,
+    inter-token, queue-time and e2e histograms, and the dashboard's samples,
+    keep describing interactive requests (here the priority-0 one)."""
+    from fastserve.gateway.app import STATE
+
+    state = stack.runner.app[STATE]
+    reg, labels = state.metrics.registry, {"model_name": "tiny"}
+
+    def value(name):
+        return reg.get_sample_value(name, labels) or 0.0
+
+    before = {n: value(n) for n in (
+        "fastserve:time_to_first_token_seconds_count", "fastserve:e2e_request_latency_seconds_count",
+        "fastserve:request_queue_time_seconds_count", "fastserve:batch_request_latency_seconds_count",
+        "fastserve:generation_tokens_total")}
+    replies = await Replies(memory_bus).start()
+    ps = prompts(2, 10, seed=5)
+    await replies.send(SubmitRequest("bulk", "/v1/completions", completion(ps[0], max_tokens=6)))
+    msg, _ = await replies.next()
+    assert msg.request_id == "bulk" and msg.status == 200
+    assert value("fastserve:batch_request_latency_seconds_count") == before[
+        "fastserve:batch_request_latency_seconds_count"] + 1
+    for n in ("fastserve:time_to_first_token_seconds_count", "fastserve:e2e_request_latency_seconds_count",
+              "fastserve:request_queue_time_seconds_count"):
+        assert value(n) == before[n], n
+    assert value("fastserve:generation_tokens_total") == before["fastserve:generation_tokens_total"] + 6
+
+    await replies.send(SubmitRequest("live", "/v1/completions", completion(ps[1], max_tokens=4), priority=0))
+    msg, _ = await replies.next()
+    assert msg.request_id == "live" and msg.status == 200
+    for n in ("fastserve:time_to_first_token_seconds_count", "fastserve:e2e_request_latency_seconds_count"):
+        assert value(n) == before[n] + 1, n
+    assert value("fastserve:batch_request_latency_seconds_count") == before[
+        "fastserve:batch_request_latency_seconds_count"] + 1
+    assert value("fastserve:generation_tokens_total") == before["fastserve:generation_tokens_total"] + 10
+
+
 async def test_chat_token_events_errors_and_deadlines(stack, memory_bus):
     replies = await Replies(memory_bus).start()
     await replies.send(SubmitRequest("chat", "/v1/chat/completions", {
