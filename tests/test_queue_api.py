@@ -146,6 +146,40 @@ async def test_batch_class_requests_stay_out_of_the_interactive_latency_histogra
     assert value("fastserve:generation_tokens_total") == before["fastserve:generation_tokens_total"] + 10
 
 
+async def test_a_database_outage_delays_queue_requests_and_loses_or_repeats_none(stack, memory_bus, tiny_model_dir,
+                                                                                 monkeypatch):
+    """The results database fails (a claim's and a result's transactions each
+    raise OperationalError three times): the request waits, unacked, retried
+    with backoff; then it runs once and its one result comes back."""
+    from sqlalchemy.exc import OperationalError
+
+    from fastserve.gateway.app import STATE
+
+    store = stack.runner.app[STATE].queue.store
+    failures = {"claims": 3, "finishes": 3}
+    real_claims, real_finishes = store._write_claims, store._write_finishes
+
+    async def flaky(kind, real, conn, items):
+        if failures[kind] > 0:
+            failures[kind] -= 1
+            raise OperationalError("INSERT ...", {}, Exception("database is locked"))
+        return await real(conn, items)
+
+    monkeypatch.setattr(store, "_write_claims", lambda conn, items: flaky("claims", real_claims, conn, items))
+    monkeypatch.setattr(store, "_write_finishes", lambda conn, items: flaky("finishes", real_finishes, conn, items))
+    replies = await Replies(memory_bus).start()
+    ps = prompts(1, 10, seed=11)
+    expected = offline_greedy(tiny_model_dir, ps, 5)
+    finished = stack.scheduler.core.stats.finished
+    await replies.send(SubmitRequest("outage", "/v1/completions", completion(ps[0], max_tokens=5)))
+    msg, _ = await replies.next(timeout=60)
+    assert msg.request_id == "outage" and msg.status == 200 and msg.token_ids == [expected[0]]
+    assert failures == {"claims": 0, "finishes": 0}  # every failure was met, and retried past
+    assert stack.scheduler.core.stats.finished == finished + 1  # ran once
+    with pytest.raises(asyncio.TimeoutError):
+        await replies.next(timeout=1.0)  # and answered once
+
+
 async def test_chat_token_events_errors_and_deadlines(stack, memory_bus):
     replies = await Replies(memory_bus).start()
     await replies.send(SubmitRequest("chat", "/v1/chat/completions", {
