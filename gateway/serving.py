@@ -19,7 +19,7 @@ from fastserve.gateway.app import ACCESS, STATE, GatewayState, dumps, error_resp
 from fastserve.gateway.jobs import Submission
 from fastserve.gateway.output import ChoiceOutput, Delta, TokenLogprob
 from fastserve.gateway.protocol import APIError, GenerateRequest, parse_chat, parse_completion
-from fastserve.gateway.tools import calls_from_required, extract_tool_calls, tool_call
+from fastserve.gateway.tools import ContentGate, calls_from_required, extract_tool_calls, tool_call
 
 log = structlog.get_logger("fastserve.gateway")
 
@@ -332,8 +332,12 @@ async def _stream(request, state, req, sub, choices, request_id, trace_id, arriv
     created = int(time.time())
     chat = req.kind == "chat"
     model = state.model
-    # A reply that may hold tool calls is sent whole at its end (content or calls).
+    # A reply that may hold tool calls: with tool_choice "auto" its content streams until the
+    # parser's marker may begin (ContentGate), the calls come whole at the end; a named or
+    # required call (grammar-forced JSON) is sent whole at the end.
     buffered = chat and req.tools is not None and req.tools.choice != "none"
+    gates = [ContentGate(req.tools.parser) if buffered and req.tools.choice == "auto" else None
+             for _ in choices]
     base = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": created, "model": model.name}
     offsets = [0] * len(choices)
@@ -348,13 +352,24 @@ async def _stream(request, state, req, sub, choices, request_id, trace_id, arriv
 
     def chunk(c: ChoiceOutput, d: Delta, first: bool = False) -> dict | None:
         if chat and buffered and not first:
+            gate = gates[c.index]
             if d.finish_reason is None:
-                return None
-            message, reason = _message(req, c)
-            delta = {k: v for k, v in message.items() if k != "role" and v is not None}
-            for i, call in enumerate(delta.get("tool_calls", [])):
-                call["index"] = i
-            choice = {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": reason}
+                text = gate.advance(c.output_text) if gate is not None else ""
+                if not text:
+                    return None
+                choice = {"index": c.index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+            else:
+                message, reason = _message(req, c)
+                delta = {k: v for k, v in message.items() if k != "role" and v is not None}
+                if gate is not None:
+                    # What content remains unsent: all of it when the reply held no call.
+                    rest = gate.rest(c.output_text, bool(delta.get("tool_calls")))
+                    delta.pop("content", None)
+                    if rest:
+                        delta["content"] = rest
+                for i, call in enumerate(delta.get("tool_calls", [])):
+                    call["index"] = i
+                choice = {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": reason}
         elif chat:
             delta = {"role": "assistant", "content": ""} if first else ({"content": d.text} if d.text else {})
             lp = _chat_logprobs(model, d.logprobs) if req.logprobs and d.logprobs else None

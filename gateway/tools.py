@@ -140,6 +140,57 @@ def extract_tool_calls(parser: str, text: str) -> tuple[str | None, list[dict]]:
     return None, out
 
 
+class ContentGate:
+    """Streaming with tool_choice "auto": how much of a reply may go out as
+    content before the reply ends. Hermes: everything before `<tool_call>`
+    (holding back a tail that may be its beginning); Llama 3 JSON: a reply is
+    either all calls (it starts with `{` or `<|python_tag|>`) or all content,
+    so nothing goes out until its first characters say which. As vLLM's tool
+    parsers stream content; the calls themselves come whole with the last chunk."""
+
+    _LLAMA_MARKERS = ("{", "<|python_tag|>")
+
+    def __init__(self, parser: str | None) -> None:
+        self.parser = parser
+        self.sent = 0  # characters of the reply already sent as content
+        self.calls_started = False
+
+    def _safe(self, text: str) -> int:
+        if self.parser == "hermes":
+            at = text.find(HERMES_START)
+            if at >= 0:
+                self.calls_started = True
+                return at
+            for k in range(min(len(HERMES_START) - 1, len(text)), 0, -1):
+                if HERMES_START.startswith(text[-k:]):
+                    return len(text) - k  # may be the start of the marker: held back
+            return len(text)
+        body = text.lstrip()
+        if not body or any(m.startswith(body[:len(m)]) for m in self._LLAMA_MARKERS):
+            self.calls_started = bool(body)
+            return 0  # undecided, or calls: nothing streams
+        return len(text)
+
+    def advance(self, text: str) -> str:
+        """The content that may go out now, given the reply so far."""
+        if self.calls_started and self.parser == "hermes":
+            return ""
+        safe = self._safe(text)
+        if safe <= self.sent:
+            return ""
+        out, self.sent = text[self.sent:safe], safe
+        return out
+
+    def rest(self, text: str, has_calls: bool) -> str:
+        """At the end: the content still to send. A reply with calls: the text
+        before the first call not sent yet (Hermes; Llama 3 JSON calls have no
+        content); one without (or whose calls did not parse): all of its text."""
+        if not has_calls:
+            return text[self.sent:]
+        at = text.find(HERMES_START) if self.parser == "hermes" else -1
+        return text[self.sent:at] if at > self.sent else ""
+
+
 def calls_from_required(text: str) -> list[dict]:
     """The grammar-forced JSON array of a "required" tool choice."""
     return [tool_call(c["name"], c["parameters"]) for c in json.loads(text)]

@@ -77,3 +77,62 @@ async def test_tool_messages_reach_the_template(memory_bus, tiny_model_dir):
         assert resp.status == 200, await resp.text()
         text = (await (await client.post("/detokenize", json={"tokens": echo.submitted[0].prompt_token_ids})).json())
     assert text["prompt"] == "user:weather?|assistant:[get_weather(Oslo)]|tool:rain|T=get_weather"
+
+
+async def _stream_chat(client, template, reply):
+    ids = (await (await client.post("/tokenize", json={"prompt": reply, "add_special_tokens": False})).json())
+    body = {"model": "tiny", "chat_template": template, "tools": TOOLS, "stream": True,
+            "max_tokens": ids["count"], "messages": [{"role": "user", "content": reply}]}
+    resp = await client.post("/v1/chat/completions", json=body)
+    assert resp.status == 200, await resp.text()
+    return [json.loads(line[6:])["choices"][0] for line in (await resp.text()).splitlines()
+            if line.startswith("data: {")]
+
+
+@pytest.mark.parametrize("template", [TEMPLATE, "{#- <|python_tag|> tools -#}{{ messages[-1]['content'] }}"],
+                         ids=["hermes", "llama3_json"])
+async def test_auto_tool_choice_streams_content_as_it_comes(memory_bus, tiny_model_dir, template):
+    """With tools offered and tool_choice "auto", a plain answer streams token by
+    token (as on vLLM), not all at once at the end."""
+    reply = "The weather in Paris is sunny, with a light breeze from the west."
+    async with gateway(memory_bus, tiny_model_dir, echo=EchoScheduler(memory_bus)) as (client, _):
+        choices = await _stream_chat(client, template, reply)
+    content = [c["delta"]["content"] for c in choices[1:] if c["delta"].get("content")]
+    assert len(content) > 5  # streamed in pieces
+    assert "".join(content) == reply
+    assert choices[-1]["finish_reason"] == "length" and "tool_calls" not in choices[-1]["delta"]
+    assert all(c["finish_reason"] is None for c in choices[:-1])
+
+
+async def test_hermes_content_before_a_call_streams_and_the_call_comes_whole(memory_bus, tiny_model_dir):
+    before = "Let me look that up for you.\n"
+    async with gateway(memory_bus, tiny_model_dir, echo=EchoScheduler(memory_bus)) as (client, _):
+        choices = await _stream_chat(client, TEMPLATE, before + CALL)
+    content = [c["delta"]["content"] for c in choices[1:] if c["delta"].get("content")]
+    assert len(content) > 2 and "".join(content) == before  # not a character of the call leaks as content
+    last = choices[-1]
+    assert last["finish_reason"] == "tool_calls"
+    (call,) = last["delta"]["tool_calls"]
+    assert call["index"] == 0 and call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+
+
+def test_content_gate_holds_back_what_may_start_a_call():
+    from fastserve.gateway.tools import ContentGate
+
+    g = ContentGate("hermes")
+    assert g.advance("Hi <tool") == "Hi "  # "<tool" may begin "<tool_call>"
+    assert g.advance("Hi <tool_call>{") == ""
+    assert g.rest('Hi <tool_call>{"name": "f", "arguments": {}}</tool_call>', has_calls=True) == ""
+    g = ContentGate("hermes")
+    assert g.advance("a <b") == "a <b"  # cannot begin the marker
+    assert g.advance("a <b <t") == " "
+    assert g.advance("a <b <tx> c") == "<tx> c"  # not the marker after all
+    g = ContentGate("hermes")
+    g.advance("x <tool_call>{broken")
+    assert g.rest("x <tool_call>{broken", has_calls=False) == "<tool_call>{broken"  # unparsable: content
+    g = ContentGate("llama3_json")
+    assert g.advance("  ") == "" and g.advance("  {\"na") == ""
+    assert g.rest('  {"name": "f", "parameters": {}}', has_calls=True) == ""
+    g = ContentGate("llama3_json")
+    assert g.advance("<|py") == "" and g.advance("<|pa") == "<|pa"
