@@ -68,7 +68,8 @@ _SAMPLING: dict[str, tuple[dict, str]] = {
     "request_id": (_STR, "used in the response id"),
     "use_beam_search": ({"const": False}, "beam search is not supported"),
     "length_penalty": ({"const": 1}, "beam search only"),
-    "priority": ({"const": 0}, "priority scheduling is not supported"),
+    "priority": ({"enum": [0, 1]}, "0: interactive; 1: the batch class (runs on the capacity interactive "
+                 "requests leave; docs/queue.md)"),
 }
 
 _MESSAGE = {"type": "object", "required": ["role"], "additionalProperties": False, "properties": {

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastserve.common.sampling_params import LOGIT_BIAS_LIMIT, SEED_LIMIT, SamplingParams
+from fastserve.common.schemas import PRIORITIES, PRIORITY_BATCH, PRIORITY_INTERACTIVE
 from fastserve.gateway.chat import echo_prefix, render_chat
 from fastserve.gateway.config import GatewayConfig
 from fastserve.gateway.errors import APIError, bad
@@ -30,7 +31,7 @@ _COMMON = {
     "guided_decoding_backend", "structured_outputs", "allowed_token_ids", "bad_words", "truncate_prompt_tokens",
     "add_special_tokens", "request_id",
     # accepted only at their defaults (below)
-    "use_beam_search", "length_penalty", "priority", "spaces_between_special_tokens",
+    "use_beam_search", "length_penalty", "spaces_between_special_tokens", "priority",
 }
 _COMPLETION = _COMMON | {"prompt", "suffix"}
 _CHAT = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
@@ -40,7 +41,6 @@ _CHAT = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools",
 _DEFAULT_ONLY = {
     "use_beam_search": (False, "beam search is not supported"),
     "length_penalty": (1.0, "length_penalty only applies to beam search, which is not supported"),
-    "priority": (0, "priority scheduling is not supported (the scheduler's MLFQ decides)"),
     "spaces_between_special_tokens": (True, "only true is supported"),
     "suffix": ("", "suffix is not supported"),
 }
@@ -67,6 +67,8 @@ class GenerateRequest:
     tools: ToolRequest | None = None
     request_id: str | None = None
     user: str | None = None
+    # 0: interactive; 1: the batch class, below every level of the policy (as on the submission queue).
+    priority: int = PRIORITY_INTERACTIVE
 
     def choice_sampling(self, j: int) -> SamplingParams:
         """Choice j of a prompt: seed + j (distinct but reproducible); the
@@ -288,13 +290,17 @@ def _common(body: dict, cfg: GatewayConfig, model: ModelInfo, kind: str, prompts
         field_name = str(exc).split(" ", 1)[0]
         raise bad(str(exc), field_name if field_name in body else None) from None
     request_id = _get(body, "request_id", (str,), None)
+    priority = _get(body, "priority", (int,), PRIORITY_INTERACTIVE)
+    if priority not in PRIORITIES:
+        raise bad(f"'priority' must be {PRIORITY_INTERACTIVE} (interactive) or {PRIORITY_BATCH} (the batch class: "
+                  f"runs on the capacity interactive requests leave), got {priority}", "priority")
     return GenerateRequest(
         kind=kind, prompts=prompts, n=n, sampling=sampling, stop=stop_list,
         include_stop_str_in_output=_get(body, "include_stop_str_in_output", (bool,), False),
         stream=stream, include_usage=include_usage, logprobs=logprobs, top_logprobs=top_logprobs,
         skip_special_tokens=_get(body, "skip_special_tokens", (bool,), True), best_of=best_of,
         echo=echo, echo_texts=echo_texts if echo else [], echo_only=echo_only, prompt_logprobs=prompt_logprobs,
-        tools=tools, request_id=request_id, user=_get(body, "user", (str,), None),
+        tools=tools, request_id=request_id, user=_get(body, "user", (str,), None), priority=priority,
     )
 
 

@@ -14,6 +14,7 @@ import structlog
 from aiohttp import web
 
 from fastserve.common.logging import bind_job
+from fastserve.common.schemas import PRIORITY_INTERACTIVE
 
 from fastserve.gateway.app import ACCESS, STATE, GatewayState, dumps, error_response, json_response, read_json
 from fastserve.gateway.jobs import Submission
@@ -68,7 +69,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         log.debug("request.received", kind=kind, prompts=len(req.prompts), n=req.n, best_of=req.best_of,
                   stream=req.stream, prompt_tokens=[len(p) for p in req.prompts],
                   max_tokens=req.sampling.max_tokens, user=req.user)
-        sub = await state.tracker.submit(trace_id, jobs)
+        sub = await state.tracker.submit(trace_id, jobs, priority=req.priority)
         try:
             if req.stream:
                 return await _stream(request, state, req, sub, choices, request_id, trace_id, arrival)
@@ -285,7 +286,7 @@ def _error_from_event(c: ChoiceOutput) -> APIError:
 
 
 async def _full(request, state, req, sub, choices, request_id, trace_id, arrival) -> web.Response:
-    timing = _Timing(arrival, len(choices))
+    timing = _Timing(arrival, len(choices), interactive=req.priority == PRIORITY_INTERACTIVE)
     async with aclosing(_events(request, state, sub, choices, timing)) as events:
         async for c, _ in events:
             if c.error is not None:
@@ -389,7 +390,7 @@ async def _stream(request, state, req, sub, choices, request_id, trace_id, arriv
             out["usage"] = None
         return out
 
-    timing = _Timing(arrival, len(choices))
+    timing = _Timing(arrival, len(choices), interactive=req.priority == PRIORITY_INTERACTIVE)
     try:
         if chat:
             for c in choices:

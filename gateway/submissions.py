@@ -112,6 +112,8 @@ class SubmissionQueue:
             if time.time() >= deadline:
                 raise APIError(504, "the request's deadline (its message's expiration) passed before it ran",
                                "timeout", None, "timeout")
+            if req.body.get("priority", req.priority) != req.priority:
+                raise bad("the message's 'priority' field decides on the queue; the body's differs", "priority")
             if req.body.get("stream") is not None:
                 raise bad("'stream' is not available on the queue; ask for token events with 'tokens'", "stream")
             parse = parse_completion if req.url == "/v1/completions" else parse_chat

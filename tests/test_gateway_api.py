@@ -299,3 +299,24 @@ async def test_chat_logprob_bytes_are_the_tokens_own(memory_bus, tiny_model_dir,
     assert raw.decode() == tok.decode(ids, skip_special_tokens=False)
     partial = [c for c in content if c["token"] == "\ufffd" or "\ufffd" in c["token"]]
     assert partial and all(bytes(c["bytes"]) != "\ufffd".encode() for c in partial)
+
+
+async def test_priority_1_is_the_batch_class_and_stays_out_of_the_latency_histograms(memory_bus, tiny_model_dir):
+    from fastserve.gateway.app import STATE
+
+    async with gateway(memory_bus, tiny_model_dir, echo=EchoScheduler(memory_bus)) as (client, echo):
+        reg = client.server.app[STATE].metrics.registry
+
+        def ttft_count():
+            return reg.get_sample_value("fastserve:time_to_first_token_seconds_count", {"model_name": "tiny"}) or 0
+
+        for priority, stream in ((1, False), (1, True), (0, False)):
+            before = ttft_count()
+            resp = await client.post("/v1/completions", json={
+                "model": "tiny", "prompt": "hello there", "max_tokens": 2, "priority": priority, "stream": stream})
+            assert resp.status == 200, await resp.text()
+            await resp.read()
+            assert ttft_count() == before + (priority == 0)
+        batch = reg.get_sample_value("fastserve:batch_request_latency_seconds_count", {"model_name": "tiny"})
+    assert [j.priority for j in echo.submitted] == [1, 1, 0]
+    assert batch == 2
