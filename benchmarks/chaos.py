@@ -32,7 +32,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")

@@ -27,6 +27,8 @@ Semantics both implement (tests/test_bus_*.py run the same checks on both):
 from __future__ import annotations
 
 import abc
+import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +70,46 @@ def _fresh_log_context(base: dict[str, Any]) -> None:
     structlog.contextvars.clear_contextvars()
     if base:
         structlog.contextvars.bind_contextvars(**base)
+
+
+class _HandlerSlots:
+    """How a subscription runs its handler: inline, one message after the
+    other, with concurrency 1 (order kept); otherwise up to `concurrency`
+    handler tasks at once, each acking its own message. Shared by both buses."""
+
+    def __init__(self, concurrency: int) -> None:
+        self.concurrent = concurrency > 1
+        self._free = asyncio.Semaphore(concurrency)
+        self._running: set[asyncio.Task] = set()
+
+    async def acquire(self) -> None:
+        if self.concurrent:
+            await self._free.acquire()
+
+    def release(self) -> None:
+        if self.concurrent:
+            self._free.release()
+
+    async def run(self, handle: Callable[[Any], Awaitable[None]], item: Any, name: str) -> None:
+        """Handle `item` (its slot acquired): inline, or as a task that frees the slot when done."""
+        if not self.concurrent:
+            await handle(item)
+            return
+        task = asyncio.create_task(handle(item), name=name)
+        self._running.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._free.release()
+
+    async def cancel(self, *tasks: asyncio.Task | None) -> None:
+        """Cancel `tasks` (the consuming loop) and every handler still running, and wait for them."""
+        for task in [*tasks, *self._running]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 class BusError(RuntimeError):

@@ -10,6 +10,7 @@ import structlog
 from fastserve.common import names
 from fastserve.common.bus import (
     Bus, BusError, Delivery, DeliveryHandler, Headers, Properties, Subscription, UnroutableError, _fresh_log_context,
+    _HandlerSlots,
 )
 from fastserve.common.schemas import SchemaError
 
@@ -48,32 +49,20 @@ class _MemorySubscription(Subscription):
     def __init__(self, bus: MemoryBus, queue: _Queue, handler: DeliveryHandler, concurrency: int = 1) -> None:
         self._bus, self._queue, self._handler = bus, queue, handler
         self._log_context = structlog.contextvars.get_contextvars()
-        self._slots = asyncio.Semaphore(concurrency)
-        self._concurrent = concurrency > 1
-        self._running: set[asyncio.Task] = set()
+        self._slots = _HandlerSlots(concurrency)
         self._task = asyncio.create_task(self._run(), name=f"consume:{queue.name}")
         self._cancelled = False
 
     async def _run(self) -> None:
         while True:
-            if self._concurrent:
-                await self._slots.acquire()
+            # A slot first: a busy consumer leaves the queue's messages to the other consumers.
+            await self._slots.acquire()
             try:
                 item = await self._queue.items.get()
             except asyncio.CancelledError:
-                if self._concurrent:
-                    self._slots.release()
+                self._slots.release()
                 raise
-            if not self._concurrent:
-                await self._handle(item)
-                continue
-            task = asyncio.create_task(self._handle(item), name=f"handle:{self._queue.name}")
-            self._running.add(task)
-            task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task) -> None:
-        self._running.discard(task)
-        self._slots.release()
+            await self._slots.run(self._handle, item, f"handle:{self._queue.name}")
 
     async def _handle(self, item: Delivery) -> None:
         _fresh_log_context(self._log_context)
@@ -94,12 +83,7 @@ class _MemorySubscription(Subscription):
         if self._cancelled:
             return
         self._cancelled = True
-        for task in [self._task, *self._running]:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await self._slots.cancel(self._task)
         self._bus._unsubscribed(self)
 
 

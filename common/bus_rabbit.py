@@ -22,7 +22,7 @@ from aio_pika.exceptions import ChannelInvalidStateError, DeliveryError
 from fastserve.common import names
 from fastserve.common.bus import (
     MSGPACK, Bus, BusError, Delivery, DeliveryHandler, Headers, Properties, Subscription, UnroutableError,
-    _fresh_log_context,
+    _HandlerSlots, _fresh_log_context,
 )
 from fastserve.common.schemas import SchemaError
 
@@ -39,9 +39,7 @@ class _RabbitSubscription(Subscription):
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._tag: str | None = None
         self._task: asyncio.Task | None = None
-        self._slots = asyncio.Semaphore(concurrency)
-        self._concurrent = concurrency > 1
-        self._running: set[asyncio.Task] = set()
+        self._slots = _HandlerSlots(concurrency)
         self._cancelled = False
 
     async def start(self) -> None:
@@ -55,18 +53,9 @@ class _RabbitSubscription(Subscription):
 
     async def _run(self) -> None:
         while True:
-            msg = await self._inbox.get()
-            if not self._concurrent:
-                await self._handle(msg)
-                continue
+            msg = await self._inbox.get()  # the broker's prefetch bounds what waits here
             await self._slots.acquire()
-            task = asyncio.create_task(self._handle(msg), name=f"handle:{self._queue.name}")
-            self._running.add(task)
-            task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task) -> None:
-        self._running.discard(task)
-        self._slots.release()
+            await self._slots.run(self._handle, msg, f"handle:{self._queue.name}")
 
     async def _handle(self, msg: AbstractIncomingMessage) -> None:
         _fresh_log_context(self._log_context)
@@ -94,11 +83,7 @@ class _RabbitSubscription(Subscription):
         with contextlib.suppress(Exception):
             if self._tag is not None:
                 await self._queue.cancel(self._tag)
-        for task in [self._task, *self._running]:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await self._slots.cancel(self._task)
         # Closing the channel returns every prefetched, unacked message to the queue.
         with contextlib.suppress(Exception):
             await self._channel.close()

@@ -3,6 +3,7 @@
 The work itself: gateway/batch_runner.py."""
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -53,7 +54,7 @@ async def create_file(request: web.Request) -> web.Response:
         raise bad(f"'purpose' must be 'batch' (the only purpose this server serves), got {purpose!r:.40}", "purpose")
     if not isinstance(upload, web.FileField):
         raise bad("'file' must be an uploaded file", "file")
-    content = upload.file.read()
+    content = await asyncio.to_thread(upload.file.read)  # up to MAX_FILE_BYTES: not on the event loop
     if len(content) > MAX_FILE_BYTES:
         raise bad(f"the file is larger than {MAX_FILE_BYTES} bytes", "file")
     row = {"id": f"file-{uuid.uuid4().hex}", "filename": upload.filename or "upload.jsonl", "purpose": "batch",
@@ -102,29 +103,35 @@ async def create_batch(request: web.Request) -> web.Response:
     if f["purpose"] != "batch":
         raise bad(f"file {file_id} has purpose {f['purpose']!r}, not 'batch'", "input_file_id")
     content = await state.batches.file_content(file_id)
-    texts = content.splitlines()
-    seen: set[str] = set()
-    now = int(time.time())
     batch_id = f"batch_{time.time_ns():016x}{uuid.uuid4().hex[:16]}"  # ids sort by creation (GET /v1/batches)
+    # Every line is parsed and checked now (a file may hold many thousands): in a thread.
+    rows, refused = await asyncio.to_thread(_line_rows, batch_id, content, endpoint)
+    if not rows:
+        raise bad(f"file {file_id} holds no request lines", "input_file_id")
+    now = int(time.time())
+    batch = {"id": batch_id, "endpoint": endpoint, "input_file_id": file_id, "completion_window": window,
+             "status": "validating", "metadata": metadata, "errors": None, "total": len(rows), "completed": 0,
+             "failed": refused, "created_at": now,
+             "expires_at": now + COMPLETION_WINDOWS[window]}
+    await state.batches.create(batch, rows)
+    await state.batch_runner.send(batch_id)
+    return json_response(batch_object(await state.batches.get(batch_id)))
+
+
+def _line_rows(batch_id: str, content: bytes, endpoint: str) -> tuple[list[dict], int]:
+    """The batch's line rows, and how many lines failed validation (each fails alone: the rest run)."""
+    seen: set[str] = set()
     rows, refused = [], 0
-    for i, text in enumerate(texts):
+    for i, text in enumerate(content.splitlines()):
         line = parse_line(i, text, endpoint, seen)
         row = {"batch_id": batch_id, "idx": i, "custom_id": line.custom_id or "", "done": False, "ok": None,
                "output": None}
         if line.error is not None:
-            # This line alone fails: the rest of the batch runs.
             row.update(done=True, ok=False, output=dumps_line(error_line(line.custom_id, "invalid_request",
                                                                           line.error)))
             refused += 1
         rows.append(row)
-    if not rows:
-        raise bad(f"file {file_id} holds no request lines", "input_file_id")
-    batch = {"id": batch_id, "endpoint": endpoint, "input_file_id": file_id, "completion_window": window,
-             "status": "validating", "metadata": metadata, "errors": None, "total": len(rows), "completed": 0,
-             "failed": refused, "created_at": now, "expires_at": now + COMPLETION_WINDOWS[window]}
-    await state.batches.create(batch, rows)
-    await state.batch_runner.send(batch_id)
-    return json_response(batch_object(await state.batches.get(batch_id)))
+    return rows, refused
 
 
 async def get_batch(request: web.Request) -> web.Response:

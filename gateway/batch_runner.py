@@ -66,21 +66,21 @@ class BatchRunner:
         """Queue the batch's unfinished lines; then it is in progress."""
         batch = await self.batches.get(batch_id)
         content = await self.batches.file_content(batch["input_file_id"])
-        pending = set(await self.batches.pending_lines(batch_id))
-        lines = content.splitlines()
-        slots = asyncio.Semaphore(SEND_CONCURRENCY)
+        pending = await self.batches.pending_lines(batch_id)  # in line order
+        lines = await asyncio.to_thread(content.splitlines)  # a file may be large: not on the event loop
         expires = batch["expires_at"]
+        todo = iter(pending)
 
-        async def one(idx: int) -> None:
-            line = parse_line(idx, lines[idx], batch["endpoint"])
-            msg = SubmitRequest(line_request_id(batch_id, idx), line.url, line.body, priority=PRIORITY_BATCH)
-            async with slots:
+        async def sender() -> None:
+            # SEND_CONCURRENCY of these share the iterator: that many publishes in flight, no task per line.
+            for idx in todo:
+                line = parse_line(idx, lines[idx], batch["endpoint"])
+                msg = SubmitRequest(line_request_id(batch_id, idx), line.url, line.body, priority=PRIORITY_BATCH)
                 await self.bus.publish(names.SUBMIT_QUEUE, encode(msg), persistent=True, props=Properties(
                     reply_to=self.bus.full_name(names.BATCH_RESULTS_QUEUE), correlation_id=msg.request_id,
-                    timestamp=time.time(),
-                    expiration=max(1.0, expires - time.time())))
+                    timestamp=time.time(), expiration=max(1.0, expires - time.time())))
 
-        await asyncio.gather(*(one(i) for i in sorted(pending)))
+        await asyncio.gather(*(sender() for _ in range(SEND_CONCURRENCY)))
         await self.batches.move(batch_id, ("validating",), "in_progress", in_progress_at=int(time.time()))
         log.info("batch.sent", batch_id=batch_id, lines=len(pending))
 

@@ -37,7 +37,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, "chat")
 
 
-class _Timing:
+class Timing:
     """When a request's first token and each choice's last token arrived."""
 
     def __init__(self, arrival: float, num_choices: int, interactive: bool = True) -> None:
@@ -109,8 +109,8 @@ def plan_choices(state: GatewayState, req: GenerateRequest, request_id: str) -> 
     return choices, jobs
 
 
-async def _events(request: web.Request | None, state: GatewayState, sub: Submission, choices: list[ChoiceOutput],
-                  timing: _Timing) -> AsyncIterator[tuple[ChoiceOutput, Delta]]:
+async def choice_events(request: web.Request | None, state: GatewayState, sub: Submission,
+                        choices: list[ChoiceOutput], timing: Timing) -> AsyncIterator[tuple[ChoiceOutput, Delta]]:
     """(choice, delta) as token events arrive, until every choice is finished
     or the request's deadline passes (then the unfinished choices end in an
     error). A client that goes away cancels the handler (aiohttp's handler
@@ -141,7 +141,7 @@ async def _events(request: web.Request | None, state: GatewayState, sub: Submiss
         yield c, delta
 
 
-def _observe(state: GatewayState, t: _Timing, index: int, ev) -> None:
+def _observe(state: GatewayState, t: Timing, index: int, ev) -> None:
     now = time.monotonic()
     metrics = state.metrics if t.interactive else None
     if ev.queue_time is not None and not t.queue_seen:
@@ -161,7 +161,7 @@ def _observe(state: GatewayState, t: _Timing, index: int, ev) -> None:
     t.last[index] = now
 
 
-def observe_finished(state: GatewayState, req: GenerateRequest, returned: list[ChoiceOutput], timing: _Timing,
+def observe_finished(state: GatewayState, req: GenerateRequest, returned: list[ChoiceOutput], timing: Timing,
                      queued: float = 0.0) -> tuple[dict, str]:
     """Metrics and the dashboard's latency samples of a request that completed
     (`queued`: seconds it waited before the gateway took it, for the submission
@@ -182,7 +182,7 @@ def observe_finished(state: GatewayState, req: GenerateRequest, returned: list[C
 
 
 def _finish_request(request: web.Request, state: GatewayState, req: GenerateRequest,
-                    returned: list[ChoiceOutput], timing: _Timing) -> dict:
+                    returned: list[ChoiceOutput], timing: Timing) -> dict:
     """observe_finished, and the access-log fields of an HTTP request."""
     usage, reason = observe_finished(state, req, returned, timing)
     request[ACCESS].update(completion_tokens=usage["completion_tokens"], finish_reason=reason)
@@ -279,18 +279,18 @@ def _message(req: GenerateRequest, c: ChoiceOutput) -> tuple[dict, str | None]:
     return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
 
 
-def _error_from_event(c: ChoiceOutput) -> APIError:
+def error_from_event(c: ChoiceOutput) -> APIError:
     if "deadline" in (c.error or ""):
         return APIError(504, f"Request timed out: {c.error}", "timeout", None, "timeout")
     return APIError(500, f"The backend failed this request: {c.error}", "server_error", None, "internal_error")
 
 
 async def _full(request, state, req, sub, choices, request_id, trace_id, arrival) -> web.Response:
-    timing = _Timing(arrival, len(choices), interactive=req.priority == PRIORITY_INTERACTIVE)
-    async with aclosing(_events(request, state, sub, choices, timing)) as events:
+    timing = Timing(arrival, len(choices), interactive=req.priority == PRIORITY_INTERACTIVE)
+    async with aclosing(choice_events(request, state, sub, choices, timing)) as events:
         async for c, _ in events:
             if c.error is not None:
-                return error_response(_error_from_event(c), state)
+                return error_response(error_from_event(c), state)
     resp, returned = response_body(state, req, choices, request_id)
     _finish_request(request, state, req, returned, timing)
     return json_response(resp, headers={"X-Request-Id": trace_id})
@@ -390,16 +390,16 @@ async def _stream(request, state, req, sub, choices, request_id, trace_id, arriv
             out["usage"] = None
         return out
 
-    timing = _Timing(arrival, len(choices), interactive=req.priority == PRIORITY_INTERACTIVE)
+    timing = Timing(arrival, len(choices), interactive=req.priority == PRIORITY_INTERACTIVE)
     try:
         if chat:
             for c in choices:
                 await send(chunk(c, Delta(), first=True))
         failed = False
-        async with aclosing(_events(request, state, sub, choices, timing)) as events:
+        async with aclosing(choice_events(request, state, sub, choices, timing)) as events:
             async for c, d in events:
                 if c.error is not None:
-                    await send(_error_from_event(c).body())
+                    await send(error_from_event(c).body())
                     failed = True
                     break
                 if d.text or d.finish_reason or d.logprobs:

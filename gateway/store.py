@@ -207,11 +207,13 @@ class BatchStore:
 
     async def end_pending(self, batch_id: str, outputs: dict[int, str]) -> None:
         """Lines that will not run (the batch was cancelled or expired): their error lines."""
-        async with self.engine.begin() as conn:
-            for idx, output in outputs.items():
-                await conn.execute(update(batch_lines).where(and_(
-                    batch_lines.c.batch_id == batch_id, batch_lines.c.idx == idx, ~batch_lines.c.done))
-                    .values(done=True, ok=False, output=output))
+        if not outputs:
+            return
+        async with self.engine.begin() as conn:  # one statement, executed for every line
+            await conn.execute(update(batch_lines).where(and_(
+                batch_lines.c.batch_id == batch_id, batch_lines.c.idx == bindparam("b_idx"), ~batch_lines.c.done))
+                .values(done=True, ok=False, output=bindparam("b_output")),
+                [{"b_idx": idx, "b_output": output} for idx, output in outputs.items()])
 
     async def lines(self, batch_id: str) -> list[dict]:
         async with self.engine.connect() as conn:

@@ -33,13 +33,13 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from fastserve.common import names
 from fastserve.common.bus import JSON, Delivery, Properties, Subscription, UnroutableError
 from fastserve.common.schemas import (
-    RequestTokens, SchemaError, SubmitRequest, SubmitResult, Timings, decode, decode_json, encode, encode_json, peek,
+    PRIORITY_INTERACTIVE, RequestTokens, SchemaError, SubmitRequest, SubmitResult, Timings, decode, decode_json, encode, encode_json, peek,
 )
 from fastserve.gateway.app import GatewayState
 from fastserve.gateway.errors import APIError, bad
 from fastserve.gateway.protocol import parse_chat, parse_completion
 from fastserve.gateway.serving import (
-    _error_from_event, _events, _Timing, observe_finished, plan_choices, response_body, response_id,
+    Timing, choice_events, error_from_event, observe_finished, plan_choices, response_body, response_id,
 )
 from fastserve.gateway.store import RequestStore
 
@@ -121,14 +121,14 @@ class SubmissionQueue:
                                            state.tracker.max_model_len(state.model.max_model_len))
             request_id = response_id(greq)
             choices, jobs = plan_choices(state, greq, request_id)
-            timing = _Timing(arrival, len(choices), interactive=req.priority == 0)
+            timing = Timing(arrival, len(choices), interactive=req.priority == PRIORITY_INTERACTIVE)
             sub = await state.tracker.submit(req.request_id, jobs, priority=req.priority, deadline=deadline)
             sent = [0] * len(choices)  # token ids already sent as RequestTokens, per choice
             try:
-                async with aclosing(_events(None, state, sub, choices, timing)) as events:
+                async with aclosing(choice_events(None, state, sub, choices, timing)) as events:
                     async for c, delta in events:
                         if c.error is not None:
-                            raise _error_from_event(c)
+                            raise error_from_event(c)
                         if req.tokens and (delta.text or len(c.token_ids) > sent[c.index]):
                             new, sent[c.index] = c.token_ids[sent[c.index]:], len(c.token_ids)
                             await self._send(d, RequestTokens(req.request_id, c.index, delta.text, new))

@@ -4,7 +4,6 @@ in place: per replica the MLFQ levels with a mark per listed job, KV use,
 per-second rates and the iteration split; the recent requests' latencies."""
 from __future__ import annotations
 
-import base64
 import json
 import time
 import urllib.error

@@ -3,7 +3,6 @@ fake echo scheduler (tests/gateway_fakes.py) as its backend."""
 import asyncio
 import json
 
-import orjson
 import pytest
 from tokenizers import Tokenizer
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from fastserve.common.schemas import SchedulerSnapshot, LoopTotals, SnapshotCounters, decode, encode
-from fastserve.scheduler.core.job import Job, Loc
+from fastserve.scheduler.core.job import Job
 from fastserve.scheduler.core.kv_manager import KVManager
 from fastserve.scheduler.core.levels import Level
 from fastserve.scheduler.core.scheduler import SchedulerStats

@@ -4,7 +4,6 @@ matplotlib the JSON is still written and the message says how to get plots."""
 import json
 import sys
 
-import pytest
 
 from fastserve.cli import main
 

@@ -138,7 +138,7 @@ class OutputLengthModel:
     def _build_bucket(self, k: int, pooled: np.ndarray) -> None:
         p = self.counts[k] + self.shrink_jobs * pooled
         p /= p.sum()
-        x, w, ages = self.x, self.w, self._ages
+        w, ages = self.w, self._ages
         a0, b, c = self.cost_model.overhead, self.cost_model.decode_coef[1], self.cost_model.decode_coef[2]
         # Conditional on X > g_a: the mass of bins j >= a, renormalised. (A, J)
         cond = np.where(self._upper, p[None, :], 0.0)

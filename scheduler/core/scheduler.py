@@ -430,27 +430,16 @@ class SchedulerCore:
         max_b = self.config.max_batch_size
         batch, blocked = w.batch, w.blocked
         taken = {j.id for j, _ in batch}
-        # This loop runs over every resident job (~hundreds) in most iterations under memory
-        # pressure: _runnable() and _take() are inlined (same tests, same arithmetic); the two calls
-        # per job were ~0.25 ms of the slowest iterations (benchmarks/results/scheduler.md).
-        it, gap = self._iteration, self.config.reschedule_gap
-        bs = self.kv.block_size
         for job in self.kv.ranked[Loc.GPU].highest_first():
             if len(batch) >= max_b or tokens_left <= 0:
                 break
-            if job.cancelled or job.id in taken:
+            # Most resident jobs are not in flight (runnable): _runnable() only for those that are,
+            # as this loop runs over hundreds of jobs in most iterations under memory pressure.
+            if job.cancelled or job.id in taken or (job.in_flight and not self._runnable(job)):
                 continue
-            known = job.spec.input_len + job.num_generated + job.pending_samples  # job.known_tokens
-            scheduled = job.num_scheduled
-            if job.in_flight and not (it - job.last_iteration >= gap and known > scheduled
-                                      and job.num_generated + job.pending_samples < job.spec.max_tokens):
-                continue  # not _runnable()
-            n = min(known - scheduled, tokens_left)
+            n, need = self._take(job, tokens_left, free)
             if n <= 0:
                 continue
-            need = -(-(scheduled + n) // bs) - len(job.gpu_blocks)  # kv.need()
-            if need < 0:
-                need = 0
             if need <= free:
                 batch.append((job, n))
                 free -= need
